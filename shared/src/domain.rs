@@ -1,0 +1,192 @@
+//! Input types parsed once at the edge ("parse, don't validate").
+
+use mongodb::bson::oid::ObjectId;
+use std::fmt;
+
+/// Longest message content, in Unicode code points.
+pub const MAX_CONTENT_CHARS: usize = 10_000;
+
+/// Why a raw input was refused. The text is safe to show to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidInput(pub String);
+
+/// Parses a 24-hex-digit MongoDB ObjectId, naming the field in the error.
+pub fn parse_object_id(field: &str, raw: &str) -> Result<ObjectId, InvalidInput> {
+    if raw.len() != 24 || !raw.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(InvalidInput(format!(
+            "{field} must be a 24-character hex ObjectId"
+        )));
+    }
+    ObjectId::parse_str(raw)
+        .map_err(|_| InvalidInput(format!("{field} must be a 24-character hex ObjectId")))
+}
+
+/// Message text of 1 to [`MAX_CONTENT_CHARS`] Unicode code points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageContent(String);
+
+impl MessageContent {
+    pub fn parse(raw: String) -> Result<Self, InvalidInput> {
+        if raw.is_empty() {
+            return Err(InvalidInput("content must not be empty".into()));
+        }
+        // Counting code points (not bytes, not UTF-16 units) matches the contract.
+        if raw.chars().count() > MAX_CONTENT_CHARS {
+            return Err(InvalidInput(format!(
+                "content must be at most {MAX_CONTENT_CHARS} characters"
+            )));
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for MessageContent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Longest `clientMsgId`, in characters.
+pub const MAX_CLIENT_MSG_ID_CHARS: usize = 64;
+
+/// A client's idempotency key for `send_message`: 1 to 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientMsgId(String);
+
+impl ClientMsgId {
+    pub fn parse(raw: String) -> Result<Self, InvalidInput> {
+        let n = raw.chars().count();
+        if n == 0 || n > MAX_CLIENT_MSG_ID_CHARS {
+            return Err(InvalidInput(format!(
+                "clientMsgId must be 1 to {MAX_CLIENT_MSG_ID_CHARS} characters"
+            )));
+        }
+        Ok(Self(raw))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A normalised e-mail address: trimmed, lower-cased, of the form `local@domain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
+        let email = raw.trim().to_lowercase();
+        let invalid = || InvalidInput("email must be a valid email address".into());
+        if email.len() > 254 || email.chars().any(char::is_whitespace) {
+            return Err(invalid());
+        }
+        let (local, domain) = email.split_once('@').ok_or_else(invalid)?;
+        if local.is_empty()
+            || domain.is_empty()
+            || domain.contains('@')
+            || !domain.contains('.')
+            || domain.starts_with('.')
+            || domain.ends_with('.')
+        {
+            return Err(invalid());
+        }
+        Ok(Self(email))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The part before `@`, used as the default display name.
+    pub fn local_part(&self) -> &str {
+        self.0.split('@').next().unwrap_or_default()
+    }
+}
+
+/// Shortest accepted password, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest accepted password; bounds the hashing work an attacker can ask for.
+pub const MAX_PASSWORD_CHARS: usize = 1024;
+
+/// Validates a new password's length.
+pub fn check_new_password(raw: &str) -> Result<(), InvalidInput> {
+    let n = raw.chars().count();
+    if n < MIN_PASSWORD_CHARS {
+        return Err(InvalidInput(format!(
+            "password must be at least {MIN_PASSWORD_CHARS} characters"
+        )));
+    }
+    if n > MAX_PASSWORD_CHARS {
+        return Err(InvalidInput(format!(
+            "password must be at most {MAX_PASSWORD_CHARS} characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Longest display name or room name, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+
+/// Trims a display or room name and checks its length.
+pub fn parse_name(field: &str, raw: &str) -> Result<String, InvalidInput> {
+    let name = raw.trim();
+    if name.is_empty() {
+        return Err(InvalidInput(format!("{field} must not be empty")));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(InvalidInput(format!(
+            "{field} must be at most {MAX_NAME_CHARS} characters"
+        )));
+    }
+    Ok(name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_ids() {
+        assert!(parse_object_id("roomId", "0123456789abcdef01234567").is_ok());
+        assert!(parse_object_id("roomId", "0123456789ABCDEF01234567").is_ok());
+        for bad in [
+            "",
+            "123",
+            "0123456789abcdef0123456g",
+            "0123456789abcdef012345678",
+        ] {
+            let err = parse_object_id("roomId", bad).unwrap_err();
+            assert_eq!(err.0, "roomId must be a 24-character hex ObjectId");
+        }
+    }
+
+    #[test]
+    fn content_counts_code_points() {
+        assert!(MessageContent::parse(String::new()).is_err());
+        assert!(MessageContent::parse("é".repeat(MAX_CONTENT_CHARS)).is_ok());
+        assert!(MessageContent::parse("😀".repeat(MAX_CONTENT_CHARS)).is_ok());
+        assert!(MessageContent::parse("a".repeat(MAX_CONTENT_CHARS + 1)).is_err());
+    }
+
+    #[test]
+    fn emails() {
+        assert_eq!(
+            Email::parse(" Ann@Example.COM ").unwrap().as_str(),
+            "ann@example.com"
+        );
+        for bad in [
+            "", "ann", "ann@", "@x.y", "a@b", "a b@c.d", "a@b@c.d", "a@.b",
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,517 @@
+//! The embedded store: users, rooms and messages in one SQLite file, for the single-process
+//! mode. Same contract as [`crate::store::MongoStore`]; queries run on tokio's blocking pool.
+//!
+//! Durability: write-ahead log with `synchronous = NORMAL`, so a committed write survives
+//! a crash of the process (a power cut may lose the last moments).
+
+use crate::store::{Room, SequencedMessage, Store, StoreError, User, UserCredentials};
+use crate::wire::{ChatMessage, Sender};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use mongodb::bson::oid::ObjectId;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                StoreError::Conflict
+            }
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+const SCHEMA: &str = r#"
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE,
+    display_name TEXT NOT NULL,
+    password_hash TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rooms (
+    id TEXT PRIMARY KEY,
+    name TEXT,
+    created_at INTEGER NOT NULL,
+    last_message_at INTEGER,
+    active_at INTEGER NOT NULL
+);
+-- Participants keep the order they were added in (rowid order).
+CREATE TABLE IF NOT EXISTS room_participants (
+    room_id TEXT NOT NULL REFERENCES rooms(id),
+    user_id TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS room_participants_user ON room_participants(user_id);
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    sender_id TEXT NOT NULL,
+    sender_email TEXT,
+    sender_name TEXT,
+    content TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_room_seq ON messages(room_id, seq DESC);
+"#;
+
+/// The SQLite store.
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn oid(raw: &str) -> rusqlite::Result<ObjectId> {
+    ObjectId::parse_str(raw).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| StoreError::Unavailable("store lock poisoned".into()))?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+    }
+}
+
+fn load_room(conn: &Connection, id: ObjectId) -> Result<Option<Room>, StoreError> {
+    let hex = id.to_hex();
+    let row = conn
+        .query_row(
+            "SELECT name, created_at, last_message_at FROM rooms WHERE id = ?1",
+            params![hex],
+            |r| {
+                Ok((
+                    r.get::<_, Option<String>>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((name, created_at, last_message_at)) = row else {
+        return Ok(None);
+    };
+    let mut stmt = conn.prepare_cached(
+        "SELECT user_id FROM room_participants WHERE room_id = ?1 ORDER BY rowid",
+    )?;
+    let participants = stmt
+        .query_map(params![hex], |r| oid(&r.get::<_, String>(0)?))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(Room {
+        id,
+        name,
+        participants,
+        created_at: time(created_at),
+        last_message_at: last_message_at.map(time),
+    }))
+}
+
+fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
+    Ok(ChatMessage {
+        id: oid(&r.get::<_, String>(0)?)?,
+        room_id: oid(&r.get::<_, String>(1)?)?,
+        sender: Sender {
+            id: oid(&r.get::<_, String>(2)?)?,
+            email: r.get(3)?,
+            display_name: r.get(4)?,
+        },
+        content: r.get(5)?,
+        created_at: time(r.get(6)?),
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(
+        &self,
+        email: &str,
+        display_name: &str,
+        password_hash: &str,
+    ) -> Result<User, StoreError> {
+        let user = User {
+            id: ObjectId::new(),
+            email: email.to_owned(),
+            display_name: display_name.to_owned(),
+        };
+        let (u, hash) = (user.clone(), password_hash.to_owned());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO users (id, email, display_name, password_hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![u.id.to_hex(), u.email, u.display_name, hash, Utc::now().timestamp_millis()],
+            )?;
+            Ok(())
+        })
+        .await?;
+        Ok(user)
+    }
+
+    async fn user_credentials(&self, email: &str) -> Result<Option<UserCredentials>, StoreError> {
+        let email = email.to_owned();
+        self.with(move |c| {
+            c.query_row(
+                "SELECT id, email, display_name, password_hash FROM users WHERE email = ?1",
+                params![email],
+                |r| {
+                    Ok(UserCredentials {
+                        user: User {
+                            id: oid(&r.get::<_, String>(0)?)?,
+                            email: r.get(1)?,
+                            display_name: r.get(2)?,
+                        },
+                        password_hash: r.get(3)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn user(&self, id: ObjectId) -> Result<Option<User>, StoreError> {
+        self.with(move |c| {
+            c.query_row(
+                "SELECT email, display_name FROM users WHERE id = ?1",
+                params![id.to_hex()],
+                |r| {
+                    Ok(User {
+                        id,
+                        email: r.get(0)?,
+                        display_name: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(StoreError::from)
+        })
+        .await
+    }
+
+    async fn missing_users(&self, ids: &[ObjectId]) -> Result<Vec<ObjectId>, StoreError> {
+        let ids = ids.to_vec();
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached("SELECT 1 FROM users WHERE id = ?1")?;
+            let mut missing = Vec::new();
+            for id in ids {
+                if !stmt.exists(params![id.to_hex()])? {
+                    missing.push(id);
+                }
+            }
+            Ok(missing)
+        })
+        .await
+    }
+
+    async fn create_room(
+        &self,
+        name: Option<String>,
+        participants: Vec<ObjectId>,
+    ) -> Result<Room, StoreError> {
+        let id = ObjectId::new();
+        let now = crate::wire::now_millis().timestamp_millis();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO rooms (id, name, created_at, active_at) VALUES (?1, ?2, ?3, ?3)",
+                params![id.to_hex(), name, now],
+            )?;
+            for user in &participants {
+                tx.execute(
+                    "INSERT OR IGNORE INTO room_participants (room_id, user_id) VALUES (?1, ?2)",
+                    params![id.to_hex(), user.to_hex()],
+                )?;
+            }
+            let room = load_room(&tx, id)?;
+            tx.commit()?;
+            room.ok_or_else(|| StoreError::Unavailable("room vanished".into()))
+        })
+        .await
+    }
+
+    async fn room(&self, id: ObjectId) -> Result<Option<Room>, StoreError> {
+        self.with(move |c| load_room(c, id)).await
+    }
+
+    async fn rooms_of(&self, user: ObjectId) -> Result<Vec<Room>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT r.id FROM rooms r JOIN room_participants p ON p.room_id = r.id
+                 WHERE p.user_id = ?1 ORDER BY r.active_at DESC, r.id DESC",
+            )?;
+            let ids = stmt
+                .query_map(params![user.to_hex()], |r| oid(&r.get::<_, String>(0)?))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            ids.into_iter()
+                .filter_map(|id| load_room(c, id).transpose())
+                .collect()
+        })
+        .await
+    }
+
+    async fn remove_participant(
+        &self,
+        room: ObjectId,
+        user: ObjectId,
+    ) -> Result<Option<Room>, StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM room_participants WHERE room_id = ?1 AND user_id = ?2",
+                params![room.to_hex(), user.to_hex()],
+            )?;
+            load_room(c, room)
+        })
+        .await
+    }
+
+    async fn add_participant(
+        &self,
+        room: ObjectId,
+        user: ObjectId,
+    ) -> Result<Option<Room>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            if load_room(&tx, room)?.is_none() {
+                return Ok(None);
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO room_participants (room_id, user_id) VALUES (?1, ?2)",
+                params![room.to_hex(), user.to_hex()],
+            )?;
+            let updated = load_room(&tx, room)?;
+            tx.commit()?;
+            Ok(updated)
+        })
+        .await
+    }
+
+    async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let messages = messages.to_vec();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            {
+                // A redelivered id is already stored: that counts as stored.
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO messages
+                     (id, room_id, seq, sender_id, sender_email, sender_name, content, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                let mut touch = tx.prepare_cached(
+                    "UPDATE rooms SET last_message_at = max(coalesce(last_message_at, 0), ?2),
+                     active_at = max(active_at, ?2) WHERE id = ?1",
+                )?;
+                for SequencedMessage { seq, message: m } in &messages {
+                    let at = m.created_at.timestamp_millis();
+                    insert.execute(params![
+                        m.id.to_hex(),
+                        m.room_id.to_hex(),
+                        seq,
+                        m.sender.id.to_hex(),
+                        m.sender.email,
+                        m.sender.display_name,
+                        m.content,
+                        at
+                    ])?;
+                    touch.execute(params![m.room_id.to_hex(), at])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn messages(
+        &self,
+        room: ObjectId,
+        before: Option<ObjectId>,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        self.with(move |c| {
+            const COLUMNS: &str =
+                "id, room_id, sender_id, sender_email, sender_name, content, created_at";
+            let room_hex = room.to_hex();
+            let anchor: Option<i64> = match before {
+                Some(b) => c
+                    .query_row(
+                        "SELECT seq FROM messages WHERE id = ?1 AND room_id = ?2",
+                        params![b.to_hex(), room_hex],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+                None => None,
+            };
+            let rows = match (before, anchor) {
+                (None, _) => {
+                    let mut s = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM messages WHERE room_id = ?1 ORDER BY seq DESC, id DESC LIMIT ?2"
+                    ))?;
+                    s.query_map(params![room_hex, limit], message_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                (Some(_), Some(seq)) => {
+                    let mut s = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM messages WHERE room_id = ?1 AND seq < ?2 ORDER BY seq DESC, id DESC LIMIT ?3"
+                    ))?;
+                    s.query_map(params![room_hex, seq, limit], message_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                // Not stored (yet): ids still order messages roughly by time.
+                (Some(b), None) => {
+                    let mut s = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM messages WHERE room_id = ?1 AND id < ?2 ORDER BY seq DESC, id DESC LIMIT ?3"
+                    ))?;
+                    s.query_map(params![room_hex, b.to_hex(), limit], message_row)?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+            };
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT 1", [], |_| Ok(()))?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(room: ObjectId, content: &str) -> ChatMessage {
+        ChatMessage {
+            id: ObjectId::new(),
+            room_id: room,
+            sender: Sender {
+                id: ObjectId::new(),
+                email: Some("a@example.com".into()),
+                display_name: Some("A".into()),
+            },
+            content: content.into(),
+            created_at: crate::wire::now_millis(),
+        }
+    }
+
+    #[tokio::test]
+    async fn users_rooms_and_messages_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let store = SqliteStore::open(&path).unwrap();
+        let ann = store
+            .create_user("ann@example.com", "Ann", "h")
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.create_user("ann@example.com", "Ann", "h").await,
+            Err(StoreError::Conflict)
+        ));
+        let bob = store
+            .create_user("bob@example.com", "Bob", "h")
+            .await
+            .unwrap();
+        let room = store
+            .create_room(Some("r".into()), vec![ann.id, bob.id])
+            .await
+            .unwrap();
+        assert_eq!(room.participants, vec![ann.id, bob.id]);
+        let batch: Vec<SequencedMessage> = (0..5)
+            .map(|i| SequencedMessage {
+                seq: i,
+                message: message(room.id, &format!("m{i}")),
+            })
+            .collect();
+        store.insert_messages(&batch).await.unwrap();
+        // Redelivery stores nothing twice.
+        store.insert_messages(&batch[3..]).await.unwrap();
+        drop(store);
+
+        let store = SqliteStore::open(&path).unwrap();
+        let newest: Vec<String> = store
+            .messages(room.id, None, 2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.content)
+            .collect();
+        assert_eq!(newest, ["m4", "m3"]);
+        let older = store
+            .messages(room.id, Some(batch[3].message.id), 50)
+            .await
+            .unwrap();
+        assert_eq!(older.len(), 3);
+        assert_eq!(store.rooms_of(bob.id).await.unwrap()[0].id, room.id);
+        assert!(
+            store.rooms_of(bob.id).await.unwrap()[0]
+                .last_message_at
+                .is_some()
+        );
+        let after = store
+            .remove_participant(room.id, bob.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.participants, vec![ann.id]);
+        assert!(
+            store
+                .add_participant(ObjectId::new(), bob.id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store
+                .missing_users(&[ann.id, bob.id, room.id])
+                .await
+                .unwrap(),
+            vec![room.id]
+        );
+        let creds = store
+            .user_credentials("ann@example.com")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(creds.user, ann);
+    }
+}

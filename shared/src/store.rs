@@ -1,0 +1,574 @@
+//! The store: users, rooms and messages.
+//!
+//! [`Store::insert_messages`] is idempotent by message id, which turns the ingest
+//! stream's at-least-once delivery into exactly one stored copy.
+
+use crate::config::MongoSettings;
+use crate::wire::{ChatMessage, Sender};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{self, Document, doc, oid::ObjectId};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Collection, IndexModel};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::IntoFuture;
+use std::time::Duration;
+
+/// A user as clients see it (never with the password hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    #[serde(rename = "_id", with = "crate::wire::oid_hex")]
+    pub id: ObjectId,
+    pub email: String,
+    #[serde(rename = "displayName")]
+    pub display_name: String,
+}
+
+/// A user with the credentials needed to log in.
+#[derive(Debug, Clone)]
+pub struct UserCredentials {
+    pub user: User,
+    pub password_hash: String,
+}
+
+/// A room as clients see it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Room {
+    #[serde(rename = "_id", with = "crate::wire::oid_hex")]
+    pub id: ObjectId,
+    pub name: Option<String>,
+    #[serde(with = "oid_hex_vec")]
+    pub participants: Vec<ObjectId>,
+    #[serde(with = "crate::wire::rfc3339_millis")]
+    pub created_at: DateTime<Utc>,
+    #[serde(with = "opt_rfc3339_millis")]
+    pub last_message_at: Option<DateTime<Utc>>,
+}
+
+impl Room {
+    pub fn has_participant(&self, user: &ObjectId) -> bool {
+        self.participants.contains(user)
+    }
+}
+
+/// A message with its place in the canonical order: the position of its ingest stream
+/// entry (see [`crate::backplane::stream_seq`]). History is sorted by it, so every reader
+/// sees messages in the order they were accepted, whichever gateway accepted them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequencedMessage {
+    pub seq: i64,
+    pub message: ChatMessage,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique value (a user's e-mail) is taken.
+    #[error("already exists")]
+    Conflict,
+    /// The store did not answer or failed; the cause is for the log only.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(e: mongodb::error::Error) -> Self {
+        if is_duplicate_key(&e) {
+            StoreError::Conflict
+        } else {
+            StoreError::Unavailable(e.to_string())
+        }
+    }
+}
+
+/// Users, rooms and messages.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a user; [`StoreError::Conflict`] when the (normalised) e-mail is taken.
+    async fn create_user(
+        &self,
+        email: &str,
+        display_name: &str,
+        password_hash: &str,
+    ) -> Result<User, StoreError>;
+    async fn user_credentials(&self, email: &str) -> Result<Option<UserCredentials>, StoreError>;
+    async fn user(&self, id: ObjectId) -> Result<Option<User>, StoreError>;
+    /// Those of `ids` that are not users.
+    async fn missing_users(&self, ids: &[ObjectId]) -> Result<Vec<ObjectId>, StoreError>;
+
+    async fn create_room(
+        &self,
+        name: Option<String>,
+        participants: Vec<ObjectId>,
+    ) -> Result<Room, StoreError>;
+    async fn room(&self, id: ObjectId) -> Result<Option<Room>, StoreError>;
+    /// A user's rooms, most recently active first.
+    async fn rooms_of(&self, user: ObjectId) -> Result<Vec<Room>, StoreError>;
+    /// Removes a participant; `None` when the room does not exist.
+    async fn remove_participant(
+        &self,
+        room: ObjectId,
+        user: ObjectId,
+    ) -> Result<Option<Room>, StoreError>;
+    /// Adds a participant (no-op when already one); `None` when the room does not exist.
+    async fn add_participant(
+        &self,
+        room: ObjectId,
+        user: ObjectId,
+    ) -> Result<Option<Room>, StoreError>;
+
+    /// Stores messages. Idempotent: a message whose id is already stored counts as stored.
+    async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError>;
+    /// A room's messages, newest first (in accepted order), at most `limit`, older than
+    /// the message `before` when given.
+    async fn messages(
+        &self,
+        room: ObjectId,
+        before: Option<ObjectId>,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError>;
+
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct UserDoc {
+    #[serde(rename = "_id")]
+    id: ObjectId,
+    email: String,
+    #[serde(rename = "displayName")]
+    display_name: String,
+    #[serde(rename = "passwordHash")]
+    password_hash: String,
+    #[serde(rename = "createdAt")]
+    created_at: bson::DateTime,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RoomDoc {
+    #[serde(rename = "_id")]
+    id: ObjectId,
+    name: Option<String>,
+    participants: Vec<ObjectId>,
+    created_at: bson::DateTime,
+    last_message_at: Option<bson::DateTime>,
+    /// Last message time, or creation time: what "most recently active" sorts on.
+    active_at: bson::DateTime,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MessageDoc {
+    #[serde(rename = "_id")]
+    id: ObjectId,
+    room_id: ObjectId,
+    #[serde(default)]
+    seq: i64,
+    sender: SenderDoc,
+    content: String,
+    created_at: bson::DateTime,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SenderDoc {
+    #[serde(rename = "_id")]
+    id: ObjectId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    display_name: Option<String>,
+}
+
+fn to_bson_time(t: &DateTime<Utc>) -> bson::DateTime {
+    bson::DateTime::from_millis(t.timestamp_millis())
+}
+
+fn from_bson_time(t: bson::DateTime) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or_default()
+}
+
+impl From<RoomDoc> for Room {
+    fn from(d: RoomDoc) -> Self {
+        Room {
+            id: d.id,
+            name: d.name,
+            participants: d.participants,
+            created_at: from_bson_time(d.created_at),
+            last_message_at: d.last_message_at.map(from_bson_time),
+        }
+    }
+}
+
+impl From<&SequencedMessage> for MessageDoc {
+    fn from(s: &SequencedMessage) -> Self {
+        let m = &s.message;
+        MessageDoc {
+            id: m.id,
+            room_id: m.room_id,
+            seq: s.seq,
+            sender: SenderDoc {
+                id: m.sender.id,
+                email: m.sender.email.clone(),
+                display_name: m.sender.display_name.clone(),
+            },
+            content: m.content.clone(),
+            created_at: to_bson_time(&m.created_at),
+        }
+    }
+}
+
+impl From<MessageDoc> for ChatMessage {
+    fn from(d: MessageDoc) -> Self {
+        ChatMessage {
+            id: d.id,
+            room_id: d.room_id,
+            sender: Sender {
+                id: d.sender.id,
+                email: d.sender.email,
+                display_name: d.sender.display_name,
+            },
+            content: d.content,
+            created_at: from_bson_time(d.created_at),
+        }
+    }
+}
+
+const DUPLICATE_KEY: i32 = 11000;
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(m) => m
+            .write_errors
+            .as_ref()
+            .is_some_and(|errs| errs.iter().any(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+/// The MongoDB store. Collections `users`, `rooms`, `messages`.
+#[derive(Clone)]
+pub struct MongoStore {
+    db: mongodb::Database,
+    users: Collection<UserDoc>,
+    rooms: Collection<RoomDoc>,
+    messages: Collection<MessageDoc>,
+}
+
+impl MongoStore {
+    /// Connects and creates the indexes the queries need.
+    pub async fn connect(settings: &MongoSettings, app_name: &str) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(settings.uri())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("MONGODB_URI is invalid: {e}")))?;
+        options.app_name = Some(app_name.to_owned());
+        options.server_selection_timeout = Some(Duration::from_secs(5));
+        options.connect_timeout = Some(Duration::from_secs(5));
+        let client = mongodb::Client::with_options(options)?;
+        let db = client.database(&settings.db);
+        let store = Self {
+            users: db.collection("users"),
+            rooms: db.collection("rooms"),
+            messages: db.collection("messages"),
+            db,
+        };
+        store.ensure_indexes().await?;
+        Ok(store)
+    }
+
+    /// Applies an update to a room; the room after it, or `None` when it does not exist.
+    async fn update_room(
+        &self,
+        room: ObjectId,
+        update: Document,
+    ) -> Result<Option<Room>, StoreError> {
+        let result = self.rooms.update_one(doc! { "_id": room }, update).await?;
+        if result.matched_count == 0 {
+            return Ok(None);
+        }
+        self.room(room).await
+    }
+
+    async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        self.users
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "email": 1 })
+                    .options(IndexOptions::builder().unique(true).build())
+                    .build(),
+            )
+            .await?;
+        self.rooms
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "participants": 1, "activeAt": -1 })
+                    .build(),
+            )
+            .await?;
+        self.messages
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "roomId": 1, "seq": -1 })
+                    .build(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    async fn create_user(
+        &self,
+        email: &str,
+        display_name: &str,
+        password_hash: &str,
+    ) -> Result<User, StoreError> {
+        let doc = UserDoc {
+            id: ObjectId::new(),
+            email: email.to_owned(),
+            display_name: display_name.to_owned(),
+            password_hash: password_hash.to_owned(),
+            created_at: bson::DateTime::now(),
+        };
+        self.users.insert_one(&doc).await?;
+        Ok(User {
+            id: doc.id,
+            email: doc.email,
+            display_name: doc.display_name,
+        })
+    }
+
+    async fn user_credentials(&self, email: &str) -> Result<Option<UserCredentials>, StoreError> {
+        Ok(self
+            .users
+            .find_one(doc! { "email": email })
+            .await?
+            .map(|d| UserCredentials {
+                user: User {
+                    id: d.id,
+                    email: d.email,
+                    display_name: d.display_name,
+                },
+                password_hash: d.password_hash,
+            }))
+    }
+
+    async fn user(&self, id: ObjectId) -> Result<Option<User>, StoreError> {
+        Ok(self
+            .users
+            .find_one(doc! { "_id": id })
+            .await?
+            .map(|d| User {
+                id: d.id,
+                email: d.email,
+                display_name: d.display_name,
+            }))
+    }
+
+    async fn missing_users(&self, ids: &[ObjectId]) -> Result<Vec<ObjectId>, StoreError> {
+        let found: Vec<Document> = self
+            .users
+            .clone_with_type::<Document>()
+            .find(doc! { "_id": { "$in": ids } })
+            .projection(doc! { "_id": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        let found: Vec<ObjectId> = found
+            .iter()
+            .filter_map(|d| d.get_object_id("_id").ok())
+            .collect();
+        Ok(ids
+            .iter()
+            .filter(|id| !found.contains(id))
+            .copied()
+            .collect())
+    }
+
+    async fn create_room(
+        &self,
+        name: Option<String>,
+        participants: Vec<ObjectId>,
+    ) -> Result<Room, StoreError> {
+        let now = bson::DateTime::from_millis(crate::wire::now_millis().timestamp_millis());
+        let doc = RoomDoc {
+            id: ObjectId::new(),
+            name,
+            participants,
+            created_at: now,
+            last_message_at: None,
+            active_at: now,
+        };
+        self.rooms.insert_one(&doc).await?;
+        Ok(doc.into())
+    }
+
+    async fn room(&self, id: ObjectId) -> Result<Option<Room>, StoreError> {
+        Ok(self
+            .rooms
+            .find_one(doc! { "_id": id })
+            .await?
+            .map(Room::from))
+    }
+
+    async fn rooms_of(&self, user: ObjectId) -> Result<Vec<Room>, StoreError> {
+        let docs: Vec<RoomDoc> = self
+            .rooms
+            .find(doc! { "participants": user })
+            .sort(doc! { "activeAt": -1, "_id": -1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.into_iter().map(Room::from).collect())
+    }
+
+    async fn add_participant(
+        &self,
+        room: ObjectId,
+        user: ObjectId,
+    ) -> Result<Option<Room>, StoreError> {
+        self.update_room(room, doc! { "$addToSet": { "participants": user } })
+            .await
+    }
+
+    async fn remove_participant(
+        &self,
+        room: ObjectId,
+        user: ObjectId,
+    ) -> Result<Option<Room>, StoreError> {
+        self.update_room(room, doc! { "$pull": { "participants": user } })
+            .await
+    }
+
+    async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let docs: Vec<MessageDoc> = messages.iter().map(MessageDoc::from).collect();
+        if let Err(e) = self.messages.insert_many(&docs).ordered(false).await {
+            // After a redelivery some ids are already stored: that is success for them.
+            let only_duplicates = match e.kind.as_ref() {
+                ErrorKind::InsertMany(m) => {
+                    m.write_concern_error.is_none()
+                        && m.write_errors
+                            .as_ref()
+                            .is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY))
+                }
+                _ => false,
+            };
+            if !only_duplicates {
+                return Err(StoreError::Unavailable(e.to_string()));
+            }
+        }
+        // Newest message time per room, for "most recently active first".
+        let mut latest: BTreeMap<ObjectId, DateTime<Utc>> = BTreeMap::new();
+        for m in messages.iter().map(|s| &s.message) {
+            let t = latest.entry(m.room_id).or_insert(m.created_at);
+            *t = (*t).max(m.created_at);
+        }
+        // One update per room, all in flight at once: a batch spanning many rooms costs one
+        // round trip, not one per room.
+        futures::future::try_join_all(latest.into_iter().map(|(room, t)| {
+            let t = to_bson_time(&t);
+            self.rooms
+                .update_one(
+                    doc! { "_id": room },
+                    doc! { "$max": { "lastMessageAt": t, "activeAt": t } },
+                )
+                .into_future()
+        }))
+        .await?;
+        Ok(())
+    }
+
+    async fn messages(
+        &self,
+        room: ObjectId,
+        before: Option<ObjectId>,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut filter = doc! { "roomId": room };
+        if let Some(before) = before {
+            let anchor = self
+                .messages
+                .clone_with_type::<Document>()
+                .find_one(doc! { "_id": before, "roomId": room })
+                .projection(doc! { "seq": 1 })
+                .await?;
+            match anchor.and_then(|d| d.get_i64("seq").ok()) {
+                Some(seq) => filter.insert("seq", doc! { "$lt": seq }),
+                // Not stored (yet): ids still order messages roughly by time.
+                None => filter.insert("_id", doc! { "$lt": before }),
+            };
+        }
+        let docs: Vec<MessageDoc> = self
+            .messages
+            .find(filter)
+            .sort(doc! { "seq": -1, "_id": -1 })
+            .limit(i64::from(limit))
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.into_iter().map(ChatMessage::from).collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.db.run_command(doc! { "ping": 1 }).await?;
+        Ok(())
+    }
+}
+
+const _: fn() = || {
+    fn store<T: Store>() {}
+    store::<MongoStore>();
+};
+
+mod oid_hex_vec {
+    use mongodb::bson::oid::ObjectId;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error, ser::SerializeSeq};
+
+    pub fn serialize<S: Serializer>(ids: &[ObjectId], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(ids.len()))?;
+        for id in ids {
+            seq.serialize_element(&id.to_hex())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ObjectId>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| ObjectId::parse_str(s).map_err(D::Error::custom))
+            .collect()
+    }
+}
+
+mod opt_rfc3339_millis {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&crate::wire::format_time(t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|raw| {
+                DateTime::parse_from_rfc3339(&raw)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(D::Error::custom)
+            })
+            .transpose()
+    }
+}

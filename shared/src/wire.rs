@@ -1,0 +1,170 @@
+//! Payloads on the wire: Socket.IO events and acks, and the envelopes carried over Redis.
+//!
+//! Ids are 24-hex strings and times RFC 3339 UTC with milliseconds
+//! (`2026-11-24T10:00:00.123Z`), exactly as clients see them.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use mongodb::bson::oid::ObjectId;
+use serde::{Deserialize, Serialize};
+
+/// The `message` event: one chat message as every member sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatMessage {
+    #[serde(with = "oid_hex")]
+    pub id: ObjectId,
+    #[serde(with = "oid_hex")]
+    pub room_id: ObjectId,
+    pub sender: Sender,
+    pub content: String,
+    #[serde(with = "rfc3339_millis")]
+    pub created_at: DateTime<Utc>,
+}
+
+/// Who sent a message. `email` and `displayName` come from the sender's token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sender {
+    #[serde(rename = "_id", with = "oid_hex")]
+    pub id: ObjectId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+/// The `user_typing` event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserTyping {
+    #[serde(with = "oid_hex")]
+    pub user_id: ObjectId,
+    #[serde(with = "oid_hex")]
+    pub room_id: ObjectId,
+}
+
+/// What travels on a room's pub/sub channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum RoomEvent {
+    /// A persisted message, to be emitted as `message` to every local member.
+    Message(ChatMessage),
+    /// A typing notice, emitted as `user_typing` to every local member but the typer.
+    Typing(UserTyping),
+    /// A participant was removed: every gateway makes that user's sockets leave the room
+    /// and forgets that the user was allowed in it. Sent on the control channel, which
+    /// every gateway hears, not on the room's.
+    MemberRemoved(MemberRemoved),
+}
+
+/// Payload of [`RoomEvent::MemberRemoved`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberRemoved {
+    #[serde(with = "oid_hex")]
+    pub user_id: ObjectId,
+    #[serde(with = "oid_hex")]
+    pub room_id: ObjectId,
+}
+
+impl RoomEvent {
+    pub fn room_id(&self) -> ObjectId {
+        match self {
+            RoomEvent::Message(m) => m.room_id,
+            RoomEvent::Typing(t) => t.room_id,
+            RoomEvent::MemberRemoved(r) => r.room_id,
+        }
+    }
+}
+
+/// Error codes shared by acks and `exception` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Unavailable,
+    RateLimited,
+}
+
+/// Formats a time the way every payload carries it: RFC 3339, UTC, milliseconds.
+pub fn format_time(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The current time truncated to milliseconds, the precision that MongoDB keeps.
+pub fn now_millis() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+/// Serde for an [`ObjectId`] as a plain 24-hex string.
+pub mod oid_hex {
+    use mongodb::bson::oid::ObjectId;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(id: &ObjectId, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&id.to_hex())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectId, D::Error> {
+        let raw = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        ObjectId::parse_str(raw.as_ref()).map_err(D::Error::custom)
+    }
+}
+
+/// Serde for a time as RFC 3339 UTC with milliseconds.
+pub mod rfc3339_millis {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_time(t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let raw = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&raw)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn message_shape_is_pinned() {
+        let msg = ChatMessage {
+            id: ObjectId::parse_str("6560a0000000000000000001").unwrap(),
+            room_id: ObjectId::parse_str("6560a0000000000000000002").unwrap(),
+            sender: Sender {
+                id: ObjectId::parse_str("6560a0000000000000000003").unwrap(),
+                email: Some("ann@example.com".into()),
+                display_name: Some("Ann".into()),
+            },
+            content: "hi".into(),
+            created_at: DateTime::parse_from_rfc3339("2026-11-24T10:00:00.1Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        };
+        assert_eq!(
+            serde_json::to_value(&msg).unwrap(),
+            json!({
+                "id": "6560a0000000000000000001",
+                "roomId": "6560a0000000000000000002",
+                "sender": {"_id": "6560a0000000000000000003", "email": "ann@example.com", "displayName": "Ann"},
+                "content": "hi",
+                "createdAt": "2026-11-24T10:00:00.100Z"
+            })
+        );
+        let event = RoomEvent::Message(msg.clone());
+        let back: RoomEvent =
+            serde_json::from_str(&serde_json::to_string(&event).unwrap()).unwrap();
+        assert_eq!(back.room_id(), msg.room_id);
+    }
+}
