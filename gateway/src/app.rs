@@ -1,0 +1,393 @@
+//! Building and running the gateway.
+
+use crate::chat::Chat;
+use crate::drain::Drain;
+use crate::http::{self, HttpState, LoginLimits};
+use crate::rooms::{Fanout, RoomRegistry};
+use crate::settings::{Mode, Settings};
+use crate::socket::{self, Connections, EventLimits, SocketState};
+use anyhow::{Context, anyhow};
+use shared::admin::listen;
+use shared::backplane::{Backplane, RedisBackplane, RoomEventSink};
+use shared::config::Secret;
+use shared::jwt::JwtKeys;
+use shared::memory::MemoryBackplane;
+use shared::sqlite::SqliteStore;
+use shared::store::{MongoStore, Store};
+use socketioxide::SocketIo;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes of each WebSocket connection's read buffer.
+const WS_READ_BUFFER: usize = 1024;
+/// How long buffered packets get to reach clients before the transports close at shutdown.
+const FLUSH_TIME: Duration = Duration::from_millis(250);
+
+/// A gateway, bound to its ports and connected to Redis and MongoDB, not yet serving.
+pub struct Application {
+    api: TcpListener,
+    admin: TcpListener,
+    api_router: axum::Router,
+    admin_router: axum::Router,
+    io: SocketIo,
+    shutdown: CancellationToken,
+    drain: Duration,
+    drain_state: Arc<Drain>,
+    embedded: Option<Embedded>,
+    web_ui: bool,
+    batch_size: usize,
+}
+
+/// The parts of the embedded mode that run beside the gateway: the persister's loop over
+/// the in-process backplane and the SQLite store.
+struct Embedded {
+    backplane: Arc<MemoryBackplane>,
+    store: Arc<dyn Store>,
+}
+
+/// The file of the embedded database, in the data directory.
+const DATABASE_FILE: &str = "chat.sqlite3";
+/// The file of the generated JWT secret, in the data directory.
+const SECRET_FILE: &str = "jwt-secret";
+
+/// The JWT secret kept in `dir`, generated on first use (readable by the owner only).
+fn embedded_secret(dir: &Path) -> anyhow::Result<Secret> {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(SECRET_FILE);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim();
+        anyhow::ensure!(!existing.is_empty(), "{} is empty", path.display());
+        tracing::info!(path = %path.display(), "JWT_SECRET not set: using the secret kept in the data directory");
+        return Ok(Secret::new(existing));
+    }
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(secret.as_bytes())?;
+    tracing::info!(path = %path.display(), "JWT_SECRET not set: generated a secret and kept it in the data directory");
+    Ok(Secret::new(secret))
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // The recorder first, so that the help texts land in it.
+        shared::admin::prometheus();
+        crate::telemetry::describe();
+        let mode = settings.mode().map_err(|e| anyhow!(e))?;
+        if mode == Mode::Embedded {
+            // The persister runs in this process then.
+            persister::describe_metrics();
+            std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+                format!(
+                    "creating the data directory {}",
+                    settings.data_dir.display()
+                )
+            })?;
+        }
+        let given = settings
+            .jwt_secret
+            .clone()
+            .filter(|s| !s.expose().is_empty());
+        let secret = match (given, mode) {
+            (Some(secret), _) => secret,
+            (None, Mode::Embedded) => embedded_secret(&settings.data_dir)?,
+            (None, Mode::Distributed) => {
+                return Err(anyhow!(
+                    "JWT_SECRET is required in the distributed mode: set the JWT_SECRET environment variable or --jwt-secret"
+                ));
+            }
+        };
+        if settings.jwt_expires_in <= 0 {
+            return Err(anyhow!(
+                "JWT_EXPIRES_IN must be a positive number of seconds"
+            ));
+        }
+        let jwt = JwtKeys::with_claims(
+            secret.expose().as_bytes(),
+            settings.jwt_expires_in,
+            settings.jwt_issuer.clone(),
+            settings.jwt_audience.clone(),
+        );
+
+        let store: Arc<dyn Store> = match mode {
+            Mode::Distributed => Arc::new(
+                MongoStore::connect(&settings.mongo, "chat-gateway")
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "connecting to MongoDB (MONGODB_URI, database {})",
+                            settings.mongo.db
+                        )
+                    })?,
+            ),
+            Mode::Embedded => {
+                let path = settings.data_dir.join(DATABASE_FILE);
+                Arc::new(
+                    SqliteStore::open(&path)
+                        .with_context(|| format!("opening the database {}", path.display()))?,
+                )
+            }
+        };
+
+        // The backplane delivers room events to the sockets of this process; the Socket.IO
+        // server is built after it and handed to the fan-out then.
+        let fanout = Arc::new(Fanout::new(settings.dedupe_window));
+        let sink: RoomEventSink = {
+            let fanout = fanout.clone();
+            Arc::new(move |event| fanout.deliver(&event))
+        };
+        let (backplane, embedded): (Arc<dyn Backplane>, _) = match mode {
+            Mode::Distributed => (
+                Arc::new(
+                    RedisBackplane::connect_with_sink(&settings.redis, sink)
+                        .await
+                        .context("connecting to Redis (REDIS_URL)")?,
+                ),
+                None,
+            ),
+            Mode::Embedded => {
+                let memory = Arc::new(MemoryBackplane::new(sink));
+                let parts = Embedded {
+                    backplane: memory.clone(),
+                    store: store.clone(),
+                };
+                (memory as Arc<dyn Backplane>, Some(parts))
+            }
+        };
+
+        let drain_state = Arc::new(Drain::default());
+        let chat = Chat {
+            store: store.clone(),
+            backplane: backplane.clone(),
+            jwt,
+        };
+        let rooms = Arc::new(RoomRegistry::new(backplane.clone()));
+        let (layer, io) = SocketIo::builder()
+            .max_buffer_size(settings.socket_buffer_size)
+            .ping_interval(Duration::from_secs(settings.ping_interval_secs.max(1)))
+            .ping_timeout(Duration::from_secs(settings.ping_timeout_secs.max(1)))
+            // One limit for both transports: polling bodies and WebSocket messages.
+            .max_payload(settings.max_payload_bytes)
+            .ws_max_message_size(usize::try_from(settings.max_payload_bytes).unwrap_or(usize::MAX))
+            .ws_max_frame_size(usize::try_from(settings.max_payload_bytes).unwrap_or(usize::MAX))
+            // Each connection holds one read buffer; chat frames are small (a larger frame
+            // is read in several chunks). Saves about 3 KB per idle connection.
+            .ws_read_buffer_size(WS_READ_BUFFER)
+            .with_state(SocketState {
+                drain: drain_state.clone(),
+                chat: chat.clone(),
+                rooms: rooms.clone(),
+                membership_ttl: Duration::from_secs(settings.membership_cache_secs),
+                limits: EventLimits {
+                    per_second: settings.events_per_second,
+                    burst: settings.event_burst.max(1.0),
+                    disconnect_after: settings.rate_limit_disconnect_after.max(1),
+                },
+                connections: Arc::new(Connections::new(settings.max_connections_per_user)),
+            })
+            .build_layer();
+        socket::register(&io);
+        fanout.attach(io.clone(), rooms);
+
+        let mut api_router = http::router(HttpState {
+            chat,
+            drain: drain_state.clone(),
+            login: LoginLimits {
+                max_failures_per_email: settings.login_max_failures_per_email,
+                max_failures_per_ip: settings.login_max_failures_per_ip,
+                window: Duration::from_secs(settings.login_window_secs.max(1)),
+                trust_forwarded_for: settings.trust_forwarded_for,
+            },
+        });
+        if !settings.no_web_ui {
+            api_router = api_router.merge(http::web::router());
+        }
+        let api_router = api_router.layer(layer);
+        let ready_drain = drain_state.clone();
+        let admin_router = shared::admin::router(Arc::new(move || {
+            let store = store.clone();
+            let backplane = backplane.clone();
+            let draining = ready_drain.is_draining();
+            Box::pin(async move {
+                if draining {
+                    return Err("shutting down".to_owned());
+                }
+                backplane.ping().await.map_err(|e| format!("redis: {e}"))?;
+                store.ping().await.map_err(|e| format!("mongodb: {e}"))?;
+                Ok(())
+            })
+        }));
+
+        if let Some(cap) = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|cap| *cap < settings.listen_backlog)
+        {
+            tracing::warn!(
+                listen_backlog = settings.listen_backlog,
+                somaxconn = cap,
+                "the kernel caps the listen backlog at net.core.somaxconn; raise it for connect storms"
+            );
+        }
+        let api = listen(
+            SocketAddr::new(settings.host, settings.port),
+            settings.listen_backlog,
+        )
+        .with_context(|| format!("binding PORT {}", settings.port))?;
+        let admin = listen(SocketAddr::new(settings.host, settings.metrics_port), 1024)
+            .with_context(|| format!("binding METRICS_PORT {}", settings.metrics_port))?;
+
+        Ok(Self {
+            api,
+            admin,
+            api_router,
+            admin_router,
+            io,
+            shutdown: CancellationToken::new(),
+            drain: Duration::from_secs(settings.shutdown_drain_secs),
+            drain_state,
+            embedded,
+            web_ui: !settings.no_web_ui,
+            batch_size: settings.batch_size,
+        })
+    }
+
+    /// The Socket.IO and REST port.
+    pub fn port(&self) -> u16 {
+        self.api.local_addr().map(|a| a.port()).unwrap_or_default()
+    }
+
+    /// The admin port (`/metrics`, `/healthz`, `/readyz`).
+    pub fn admin_port(&self) -> u16 {
+        self.admin
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_default()
+    }
+
+    /// Cancelling this token stops the gateway.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then closes every socket and waits
+    /// for in-flight requests, at most the drain time.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let address = format!("http://localhost:{}", self.port());
+        match &self.embedded {
+            Some(_) => tracing::info!(
+                mode = "embedded",
+                %address,
+                admin_port = self.admin_port(),
+                web_ui = self.web_ui,
+                "chat server running in one process (in-process backplane and persister, SQLite store); \
+                 to scale out, set REDIS_URL and MONGODB_URI and run the persister beside the gateways"
+            ),
+            None => tracing::info!(
+                mode = "distributed",
+                %address,
+                admin_port = self.admin_port(),
+                web_ui = self.web_ui,
+                "gateway listening (Redis backplane, MongoDB store)"
+            ),
+        }
+        // The embedded persister stops only after the gateway, so that every message
+        // accepted before shutdown is stored.
+        let persister_stop = CancellationToken::new();
+        let persister = self.embedded.as_ref().map(|e| {
+            let (backplane, store, stop, batch_size) = (
+                e.backplane.clone(),
+                e.store.clone(),
+                persister_stop.clone(),
+                self.batch_size,
+            );
+            let sampler = tokio::spawn(persister::sample_backlog(backplane.clone()));
+            tokio::spawn(async move {
+                persister::run_worker(
+                    backplane.as_ref(),
+                    backplane.as_ref(),
+                    store.as_ref(),
+                    batch_size,
+                    &stop,
+                )
+                .await;
+                sampler.abort();
+            })
+        });
+        let shutdown = self.shutdown.clone();
+        let admin = axum::serve(self.admin, self.admin_router)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let admin = tokio::spawn(async move { admin.await });
+        // The API stops accepting connections as soon as shutdown starts; its open
+        // connections end when the sockets are closed below.
+        let api = axum::serve(
+            self.api,
+            self.api_router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let mut api = tokio::spawn(async move { api.await });
+
+        tokio::select! {
+            result = &mut api => {
+                admin.abort();
+                return result.context("API server task")?.context("serving the API");
+            }
+            _ = shutdown.cancelled() => {}
+        }
+        let deadline = tokio::time::Instant::now() + self.drain;
+        self.drain_state.start();
+        tracing::info!(
+            drain_secs = self.drain.as_secs(),
+            "shutting down: finishing in-flight events"
+        );
+        if tokio::time::timeout_at(deadline, self.drain_state.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain time over with events still in flight");
+        }
+        // Acks just written sit in each socket's buffer; socketioxide has no flush signal,
+        // so the writers get a short, bounded moment before the transports close.
+        let flush = tokio::time::Instant::now() + FLUSH_TIME;
+        tokio::time::sleep_until(flush.min(deadline)).await;
+        // Closing the transports (not the namespace) makes Socket.IO clients reconnect,
+        // to another gateway behind the load balancer.
+        tracing::info!("closing sockets");
+        let _ = tokio::time::timeout_at(deadline, self.io.close()).await;
+        if tokio::time::timeout_at(deadline, &mut api).await.is_err() {
+            tracing::warn!("drain time over, exiting with connections open");
+            api.abort();
+        }
+        admin.abort();
+        if let (Some(embedded), Some(persister)) = (&self.embedded, persister) {
+            // Store what was accepted and is still queued, within the drain time.
+            while embedded.backplane.queued() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let left = embedded.backplane.queued();
+            if left > 0 {
+                tracing::error!(
+                    messages = left,
+                    "drain time over: accepted messages were not stored"
+                );
+            }
+            persister_stop.cancel();
+            let _ = persister.await;
+        }
+        tracing::info!("gateway stopped");
+        Ok(())
+    }
+}

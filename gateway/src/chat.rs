@@ -1,0 +1,85 @@
+//! The operations both surfaces (REST and Socket.IO) share: room authorisation, posting a
+//! message, typing. Handlers parse their input, call these, and map the [`ChatError`].
+
+use crate::error::ChatError;
+use shared::ObjectId;
+use shared::backplane::{Appended, Backplane};
+use shared::domain::{ClientMsgId, MessageContent};
+use shared::jwt::{AuthUser, JwtKeys};
+use shared::store::{Room, Store};
+use shared::wire::{ChatMessage, RoomEvent, Sender, UserTyping, now_millis};
+use std::sync::Arc;
+
+/// What every handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct Chat {
+    pub store: Arc<dyn Store>,
+    pub backplane: Arc<dyn Backplane>,
+    pub jwt: JwtKeys,
+}
+
+impl Chat {
+    /// The room, if `user` is one of its participants.
+    pub async fn room_for(&self, user: &ObjectId, room: ObjectId) -> Result<Room, ChatError> {
+        let room = self
+            .store
+            .room(room)
+            .await?
+            .ok_or_else(|| ChatError::NotFound("room not found".into()))?;
+        if !room.has_participant(user) {
+            return Err(ChatError::Forbidden(
+                "you are not a participant of this room".into(),
+            ));
+        }
+        Ok(room)
+    }
+
+    /// Accepts a message: assigns its id and time and appends it to the ingest stream.
+    /// A retry with the same `client_msg_id` returns the first message's id and time and
+    /// appends nothing. The caller has checked that `user` is a participant of `room`.
+    pub async fn post_message(
+        &self,
+        user: &AuthUser,
+        room: ObjectId,
+        content: MessageContent,
+        client_msg_id: Option<&ClientMsgId>,
+    ) -> Result<ChatMessage, ChatError> {
+        let mut message = ChatMessage {
+            id: ObjectId::new(),
+            room_id: room,
+            sender: Sender {
+                id: user.id,
+                email: user.email.clone(),
+                display_name: user.display_name.clone(),
+            },
+            content: content.into_inner(),
+            created_at: now_millis(),
+        };
+        let started = std::time::Instant::now();
+        let key = client_msg_id.map(|c| format!("{}:{}", user.id.to_hex(), c.as_str()));
+        if let Appended::Duplicate { id, created_at } =
+            self.backplane.append(&message, key.as_deref()).await?
+        {
+            metrics::counter!("chat_gateway_duplicate_sends_total").increment(1);
+            message.id = id;
+            message.created_at = created_at;
+        }
+        metrics::histogram!("chat_gateway_ingest_append_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(message)
+    }
+
+    /// Tells the room's other members that `user` is typing. At most once.
+    pub async fn typing(&self, user: &AuthUser, room: ObjectId) -> Result<(), ChatError> {
+        let started = std::time::Instant::now();
+        self.backplane
+            .publish(&[RoomEvent::Typing(UserTyping {
+                user_id: user.id,
+                room_id: room,
+            })])
+            .await?;
+        metrics::histogram!("chat_gateway_backplane_publish_seconds")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! `/auth/register`, `/auth/login`, `/auth/me`.
+
+use crate::error::ChatError;
+use crate::http::HttpState;
+use crate::http::extract::{Authenticated, JsonBody};
+use argon2::Argon2;
+use argon2::password_hash::{
+    PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
+};
+use axum::Json;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shared::domain::{Email, check_new_password, parse_name};
+use shared::store::{StoreError, User};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::LazyLock;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterBody {
+    email: String,
+    password: String,
+    display_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct LoginBody {
+    email: String,
+    password: String,
+}
+
+/// A valid registration.
+pub struct NewUser {
+    pub email: Email,
+    pub password: String,
+    pub display_name: String,
+}
+
+impl RegisterBody {
+    pub fn validate(self) -> Result<NewUser, ChatError> {
+        let email = Email::parse(&self.email)?;
+        check_new_password(&self.password)?;
+        let display_name = match self.display_name.as_deref() {
+            Some(name) => parse_name("displayName", name)?,
+            None => email.local_part().to_owned(),
+        };
+        Ok(NewUser {
+            email,
+            password: self.password,
+            display_name,
+        })
+    }
+}
+
+/// Hashing is deliberately slow and memory-hungry: it runs on the hashing pool.
+async fn hash_password(password: String) -> Result<String, ChatError> {
+    super::hashing::run(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| ChatError::Internal(format!("hashing failed: {e}")))
+    })
+    .await
+    .unwrap_or_else(|| Err(ChatError::Internal("password hashing pool gone".into())))
+}
+
+/// A hash to verify against when the e-mail is unknown, so that an unknown e-mail takes
+/// as long as a wrong password.
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(b"not a real password", &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+});
+
+async fn verify_password(password: String, hash: String) -> bool {
+    super::hashing::run(move || {
+        PasswordHash::new(&hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+fn session(state: &HttpState, user: User) -> Result<Json<Value>, ChatError> {
+    let token = state
+        .chat
+        .jwt
+        .issue(user.id, &user.email, &user.display_name)
+        .map_err(|e| ChatError::Internal(format!("signing failed: {e}")))?;
+    Ok(Json(json!({ "accessToken": token, "user": user })))
+}
+
+pub async fn register(
+    State(state): State<HttpState>,
+    JsonBody(body): JsonBody<RegisterBody>,
+) -> Result<(StatusCode, Json<Value>), ChatError> {
+    let NewUser {
+        email,
+        password,
+        display_name,
+    } = body.validate()?;
+    let hash = hash_password(password).await?;
+    let user = match state
+        .chat
+        .store
+        .create_user(email.as_str(), &display_name, &hash)
+        .await
+    {
+        Ok(user) => user,
+        Err(StoreError::Conflict) => {
+            return Err(ChatError::Conflict("email is already registered".into()));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(user_id = %user.id, "user registered");
+    Ok((StatusCode::CREATED, session(&state, user)?))
+}
+
+/// The client's address: the connection's peer, or the first `X-Forwarded-For` entry
+/// when configured to trust it.
+fn client_ip(state: &HttpState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    if state.login.trust_forwarded_for
+        && let Some(ip) = headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+    {
+        return ip;
+    }
+    peer.ip()
+}
+
+/// Refuses with 429 while a failure counter is at its limit.
+async fn check_limit(state: &HttpState, key: &str, max: u64) -> Result<(), ChatError> {
+    let (failures, left) = state.chat.backplane.counter(key).await?;
+    if failures >= max {
+        metrics::counter!("chat_gateway_login_rate_limited_total").increment(1);
+        return Err(ChatError::RateLimited {
+            message: "too many failed logins, try again later".into(),
+            retry_after_secs: left.as_secs().max(1),
+        });
+    }
+    Ok(())
+}
+
+pub async fn login(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<LoginBody>,
+) -> Result<Json<Value>, ChatError> {
+    let refused = || ChatError::Unauthorized("invalid email or password".into());
+    // Counted by the normalised e-mail whether or not it exists, so limits reveal nothing.
+    let email_key = format!("login:email:{}", body.email.trim().to_lowercase());
+    let ip_key = format!("login:ip:{}", client_ip(&state, peer, &headers));
+    check_limit(&state, &email_key, state.login.max_failures_per_email).await?;
+    check_limit(&state, &ip_key, state.login.max_failures_per_ip).await?;
+
+    // A malformed e-mail cannot be registered: same answer as an unknown one.
+    let credentials = match Email::parse(&body.email) {
+        Ok(email) => state.chat.store.user_credentials(email.as_str()).await?,
+        Err(_) => None,
+    };
+    let ok = match credentials {
+        Some(credentials) => verify_password(body.password, credentials.password_hash)
+            .await
+            .then_some(credentials.user),
+        None => {
+            verify_password(body.password, DUMMY_HASH.clone()).await;
+            None
+        }
+    };
+    let Some(user) = ok else {
+        let window = state.login.window;
+        state.chat.backplane.count(&email_key, window).await?;
+        state.chat.backplane.count(&ip_key, window).await?;
+        return Err(refused());
+    };
+    state.chat.backplane.reset_counter(&email_key).await?;
+    session(&state, user)
+}
+
+pub async fn me(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+) -> Result<Json<User>, ChatError> {
+    state
+        .chat
+        .store
+        .user(user.id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ChatError::Unauthorized("user no longer exists".into()))
+}

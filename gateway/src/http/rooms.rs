@@ -1,0 +1,219 @@
+//! `/chat/rooms` and its messages.
+
+use crate::error::ChatError;
+use crate::http::HttpState;
+use crate::http::extract::{Authenticated, JsonBody};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+use shared::ObjectId;
+use shared::domain::{ClientMsgId, MessageContent, parse_name, parse_object_id};
+use shared::store::Room;
+use shared::wire::{ChatMessage, MemberRemoved, RoomEvent};
+use std::collections::HashMap;
+
+/// Default and largest page of `GET /chat/rooms/:id/messages`.
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 100;
+/// Most participants a room can be created with in one request.
+const MAX_PARTICIPANTS: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateRoomBody {
+    name: Option<String>,
+    #[serde(default)]
+    participant_ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AddParticipantBody {
+    user_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PostMessageBody {
+    content: Value,
+    client_msg_id: Option<Value>,
+}
+
+impl AddParticipantBody {
+    pub fn user_id(&self) -> &str {
+        &self.user_id
+    }
+}
+
+impl CreateRoomBody {
+    /// The room's name and its participants, the creator first, without duplicates.
+    pub fn validate(self, creator: ObjectId) -> Result<(Option<String>, Vec<ObjectId>), ChatError> {
+        let name = self
+            .name
+            .as_deref()
+            .map(|n| parse_name("name", n))
+            .transpose()?;
+        if self.participant_ids.len() > MAX_PARTICIPANTS {
+            return Err(ChatError::BadRequest(format!(
+                "at most {MAX_PARTICIPANTS} participants"
+            )));
+        }
+        let mut participants = vec![creator];
+        for raw in &self.participant_ids {
+            let id = parse_object_id("participantIds", raw)?;
+            if !participants.contains(&id) {
+                participants.push(id);
+            }
+        }
+        Ok((name, participants))
+    }
+}
+
+impl PostMessageBody {
+    pub fn validate(self) -> Result<(MessageContent, Option<ClientMsgId>), ChatError> {
+        let content = match self.content {
+            Value::String(s) => MessageContent::parse(s)?,
+            _ => return Err(ChatError::BadRequest("content must be a string".into())),
+        };
+        Ok((
+            content,
+            crate::socket::payload::client_msg_id(self.client_msg_id)?,
+        ))
+    }
+}
+
+pub async fn create(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+    JsonBody(body): JsonBody<CreateRoomBody>,
+) -> Result<(StatusCode, Json<Room>), ChatError> {
+    let (name, participants) = body.validate(user.id)?;
+    let missing = state.chat.store.missing_users(&participants[1..]).await?;
+    if let Some(id) = missing.first() {
+        return Err(ChatError::NotFound(format!(
+            "user {} not found",
+            id.to_hex()
+        )));
+    }
+    let room = state.chat.store.create_room(name, participants).await?;
+    tracing::info!(room_id = %room.id, user_id = %user.id, "room created");
+    Ok((StatusCode::CREATED, Json(room)))
+}
+
+pub async fn list(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+) -> Result<Json<Vec<Room>>, ChatError> {
+    Ok(Json(state.chat.store.rooms_of(user.id).await?))
+}
+
+pub async fn get(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Json<Room>, ChatError> {
+    let room = parse_object_id("id", &id)?;
+    Ok(Json(state.chat.room_for(&user.id, room).await?))
+}
+
+pub async fn add_participant(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<AddParticipantBody>,
+) -> Result<Json<Room>, ChatError> {
+    let room = parse_object_id("id", &id)?;
+    let new = parse_object_id("userId", body.user_id())?;
+    state.chat.room_for(&user.id, room).await?;
+    if !state.chat.store.missing_users(&[new]).await?.is_empty() {
+        return Err(ChatError::NotFound(format!(
+            "user {} not found",
+            new.to_hex()
+        )));
+    }
+    state
+        .chat
+        .store
+        .add_participant(room, new)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ChatError::NotFound("room not found".into()))
+}
+
+/// Removes a participant (any participant may; removing oneself is leaving). Idempotent:
+/// removing someone who is not a participant answers the room as it is. Every gateway is
+/// told, so the user's sockets leave the room and their access is checked again.
+pub async fn remove_participant(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+    Path((id, user_id)): Path<(String, String)>,
+) -> Result<Json<Room>, ChatError> {
+    let room = parse_object_id("id", &id)?;
+    let target = parse_object_id("userId", &user_id)?;
+    state.chat.room_for(&user.id, room).await?;
+    let updated = state
+        .chat
+        .store
+        .remove_participant(room, target)
+        .await?
+        .ok_or_else(|| ChatError::NotFound("room not found".into()))?;
+    state
+        .chat
+        .backplane
+        .publish(&[RoomEvent::MemberRemoved(MemberRemoved {
+            user_id: target,
+            room_id: room,
+        })])
+        .await?;
+    tracing::info!(room_id = %room, user_id = %target, by = %user.id, "participant removed");
+    Ok(Json(updated))
+}
+
+fn page(query: &HashMap<String, String>) -> Result<(u32, Option<ObjectId>), ChatError> {
+    let limit = match query.get("limit") {
+        None => DEFAULT_PAGE,
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(n) if n >= 1 => n.min(MAX_PAGE),
+            _ => {
+                return Err(ChatError::BadRequest(
+                    "limit must be a positive integer".into(),
+                ));
+            }
+        },
+    };
+    let before = query
+        .get("before")
+        .map(|raw| parse_object_id("before", raw))
+        .transpose()?;
+    Ok((limit, before))
+}
+
+pub async fn messages(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+    Path(id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<ChatMessage>>, ChatError> {
+    let room = parse_object_id("id", &id)?;
+    let (limit, before) = page(&query)?;
+    state.chat.room_for(&user.id, room).await?;
+    Ok(Json(state.chat.store.messages(room, before, limit).await?))
+}
+
+pub async fn post_message(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<PostMessageBody>,
+) -> Result<(StatusCode, Json<ChatMessage>), ChatError> {
+    let room = parse_object_id("id", &id)?;
+    let (content, client_msg_id) = body.validate()?;
+    state.chat.room_for(&user.id, room).await?;
+    let message = state
+        .chat
+        .post_message(&user, room, content, client_msg_id.as_ref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(message)))
+}

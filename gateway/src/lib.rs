@@ -1,0 +1,22 @@
+//! The chat gateway: terminates Socket.IO (namespace `/chat`) and the REST API,
+//! validates JWTs, appends `send_message` to the Redis ingest stream, publishes `typing`,
+//! and fans the room events that Redis delivers out to its local sockets.
+//!
+//! Stateless: any number of gateways share one Redis and one MongoDB. Each gateway
+//! subscribes to the channel of every room with a local member, and only those. Without
+//! Redis and MongoDB it runs embedded: the whole chat server in one process.
+
+mod app;
+mod chat;
+#[cfg(test)]
+mod decode_props;
+mod drain;
+mod error;
+mod http;
+mod rooms;
+mod settings;
+mod socket;
+mod telemetry;
+
+pub use app::Application;
+pub use settings::{Mode, Settings};

@@ -1,0 +1,16 @@
+use clap::Parser;
+use gateway::{Application, Settings};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let settings = Settings::parse();
+    shared::admin::exit_if_healthcheck(settings.healthcheck, settings.metrics_port);
+    shared::telemetry::init(settings.telemetry.log_format);
+    let app = Application::build(settings).await?;
+    let shutdown = app.shutdown_token();
+    tokio::spawn(async move {
+        shared::telemetry::shutdown_signal().await;
+        shutdown.cancel();
+    });
+    app.run_until_stopped().await
+}

@@ -1,0 +1,186 @@
+//! Gateway settings: every one a flag and an environment variable.
+
+use clap::Parser;
+use shared::config::{MongoSettings, RedisSettings, Secret, TelemetrySettings};
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+/// Socket.IO + REST chat gateway.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "gateway", version, about)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Port of the Socket.IO and REST API (0 picks a free port).
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Port of the admin server: `/metrics`, `/healthz`, `/readyz` (0 picks a free port).
+    #[arg(long, env = "METRICS_PORT", default_value_t = 9100)]
+    pub metrics_port: u16,
+    /// Probe this gateway's `/healthz` on METRICS_PORT of this machine and exit 0 when it
+    /// answers (the container image's HEALTHCHECK).
+    #[arg(long)]
+    pub healthcheck: bool,
+    /// Run the whole chat server in this process: an in-process backplane and persister and
+    /// a SQLite store in --data-dir. The default when neither REDIS_URL nor MONGODB_URI is set.
+    #[arg(long, env = "EMBEDDED")]
+    pub embedded: bool,
+    /// Where the embedded mode keeps its database and its generated JWT secret.
+    #[arg(long, env = "DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Embedded mode: most messages the in-process persister stores in one transaction. A
+    /// batch reaches each member socket as one burst, so keep SOCKET_BUFFER_SIZE above it.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
+    pub batch_size: usize,
+    /// Do not serve the browser chat page at `/`.
+    #[arg(long, env = "NO_WEB_UI")]
+    pub no_web_ui: bool,
+    /// Secret that signs access tokens (HS256). Required in the distributed mode; the
+    /// embedded mode generates one in --data-dir when it is not set.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+    /// When set, issued tokens carry this `iss` and every token must.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// When set, issued tokens carry this `aud` and every token must.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Lifetime of issued access tokens, in seconds.
+    #[arg(long, env = "JWT_EXPIRES_IN", default_value_t = 3600)]
+    pub jwt_expires_in: i64,
+    /// TCP listen backlog. Large enough that a storm of simultaneous connects is queued,
+    /// not refused (the kernel caps it at `net.core.somaxconn`).
+    #[arg(long, env = "LISTEN_BACKLOG", default_value_t = 16_384)]
+    pub listen_backlog: u32,
+    /// Packets buffered per socket on their way to the client. A socket whose buffer is
+    /// full is disconnected as a slow consumer (counted and logged), never fed partially.
+    #[arg(long, env = "SOCKET_BUFFER_SIZE", default_value_t = 1024)]
+    pub socket_buffer_size: usize,
+    /// Engine.IO heartbeat: seconds between pings.
+    #[arg(long, env = "PING_INTERVAL_SECS", default_value_t = 25)]
+    pub ping_interval_secs: u64,
+    /// Engine.IO heartbeat: seconds without a pong before the connection is closed. It also
+    /// bounds how long a slow consumer whose buffer stays full keeps its connection.
+    #[arg(long, env = "PING_TIMEOUT_SECS", default_value_t = 20)]
+    pub ping_timeout_secs: u64,
+    /// Largest Socket.IO / Engine.IO payload accepted from a client, in bytes.
+    #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value_t = 100_000)]
+    pub max_payload_bytes: u64,
+    /// How long a verified room membership is trusted by a socket before MongoDB is asked
+    /// again, in seconds.
+    #[arg(long, env = "MEMBERSHIP_CACHE_SECS", default_value_t = 30)]
+    pub membership_cache_secs: u64,
+    /// On SIGTERM, how long in-flight work may take before the process exits, in seconds.
+    #[arg(long, env = "SHUTDOWN_DRAIN_SECS", default_value_t = 10)]
+    pub shutdown_drain_secs: u64,
+    /// Sustained `send_message` + `typing` events per second allowed per connection; over
+    /// it an event is refused with `RATE_LIMITED`.
+    #[arg(long, env = "EVENTS_PER_SECOND", default_value_t = 20.0)]
+    pub events_per_second: f64,
+    /// Events a connection may send at once above the sustained rate.
+    #[arg(long, env = "EVENT_BURST", default_value_t = 40.0)]
+    pub event_burst: f64,
+    /// Refused events in a row after which the connection is closed.
+    #[arg(long, env = "RATE_LIMIT_DISCONNECT_AFTER", default_value_t = 50)]
+    pub rate_limit_disconnect_after: u32,
+    /// Most simultaneous connections of one user to one gateway.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 20)]
+    pub max_connections_per_user: usize,
+    /// Failed logins for one e-mail within `LOGIN_WINDOW_SECS` after which logins for it
+    /// are refused with 429 until the window ends.
+    #[arg(long, env = "LOGIN_MAX_FAILURES_PER_EMAIL", default_value_t = 10)]
+    pub login_max_failures_per_email: u64,
+    /// Failed logins from one client address within `LOGIN_WINDOW_SECS` after which its
+    /// logins are refused with 429 until the window ends.
+    #[arg(long, env = "LOGIN_MAX_FAILURES_PER_IP", default_value_t = 100)]
+    pub login_max_failures_per_ip: u64,
+    /// Window of the login failure counters, in seconds.
+    #[arg(long, env = "LOGIN_WINDOW_SECS", default_value_t = 900)]
+    pub login_window_secs: u64,
+    /// Take the client address from the first `X-Forwarded-For` entry (set this only
+    /// behind a proxy that sets the header).
+    #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false)]
+    pub trust_forwarded_for: bool,
+    /// How many recent message ids each gateway remembers to drop a message published
+    /// twice (after a persister takeover) instead of delivering it again.
+    #[arg(long, env = "DEDUPE_WINDOW", default_value_t = 65_536)]
+    pub dedupe_window: usize,
+    #[command(flatten)]
+    pub redis: RedisSettings,
+    #[command(flatten)]
+    pub mongo: MongoSettings,
+    #[command(flatten)]
+    pub telemetry: TelemetrySettings,
+}
+
+/// How the gateway runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One process: in-process backplane and persister, SQLite store.
+    Embedded,
+    /// Many gateways and a persister around one Redis and one MongoDB.
+    Distributed,
+}
+
+impl Settings {
+    /// The mode these settings select, or why they select none.
+    pub fn mode(&self) -> Result<Mode, String> {
+        // An empty variable (`REDIS_URL=` in a compose file) counts as unset.
+        let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+        let (redis, mongo) = (set(&self.redis.url), set(&self.mongo.uri));
+        match (self.embedded, redis, mongo) {
+            (true, false, false) | (false, false, false) => Ok(Mode::Embedded),
+            (true, _, _) => Err(
+                "--embedded cannot be combined with REDIS_URL or MONGODB_URI: unset them, or drop --embedded for the distributed mode".into(),
+            ),
+            (false, true, true) => Ok(Mode::Distributed),
+            (false, true, false) => Err(
+                "REDIS_URL is set but MONGODB_URI is not: the distributed mode needs both (unset both for the embedded mode)".into(),
+            ),
+            (false, false, true) => Err(
+                "MONGODB_URI is set but REDIS_URL is not: the distributed mode needs both (unset both for the embedded mode)".into(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(args: &[&str]) -> Result<Mode, String> {
+        Settings::try_parse_from(std::iter::once("gateway").chain(args.iter().copied()))
+            .unwrap()
+            .mode()
+    }
+
+    #[test]
+    fn urls_select_the_mode() {
+        // Only when neither variable is in the environment of the test run.
+        if std::env::var_os("REDIS_URL").is_some() || std::env::var_os("MONGODB_URI").is_some() {
+            return;
+        }
+        assert_eq!(mode(&[]), Ok(Mode::Embedded));
+        assert_eq!(mode(&["--embedded"]), Ok(Mode::Embedded));
+        assert_eq!(
+            mode(&["--redis-url", "", "--mongodb-uri", " "]),
+            Ok(Mode::Embedded)
+        );
+        assert_eq!(
+            mode(&["--redis-url", "redis://r", "--mongodb-uri", "mongodb://m"]),
+            Ok(Mode::Distributed)
+        );
+        assert!(
+            mode(&["--redis-url", "redis://r"])
+                .unwrap_err()
+                .contains("MONGODB_URI is not")
+        );
+        assert!(
+            mode(&["--mongodb-uri", "mongodb://m"])
+                .unwrap_err()
+                .contains("REDIS_URL is not")
+        );
+        assert!(mode(&["--embedded", "--mongodb-uri", "mongodb://m"]).is_err());
+    }
+}

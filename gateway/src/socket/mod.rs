@@ -1,0 +1,362 @@
+//! The Socket.IO namespace `/chat`: authentication on connect, then `join_room`,
+//! `leave_room`, `send_message` and `typing`.
+//!
+//! Every event accepts an optional ack. A failed event is answered with a failure ack, or,
+//! when the client asked for none, with an `exception` event. Bad input never disconnects.
+
+pub(crate) mod payload;
+pub(crate) mod session;
+
+use crate::chat::Chat;
+use crate::drain::Drain;
+use crate::error::ChatError;
+use crate::rooms::{RoomRegistry, reason_label, room_key, user_key};
+use serde::Serialize;
+use serde_json::{Value, json};
+pub use session::EventLimits;
+use session::{Admission, Session, Turn};
+use shared::ObjectId;
+use shared::jwt::{TokenError, bearer};
+use shared::wire::format_time;
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, SocketRef, State, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::socket::DisconnectReason;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Shared by every socket handler (socketioxide state).
+#[derive(Clone)]
+pub struct SocketState {
+    pub drain: Arc<Drain>,
+    pub chat: Chat,
+    pub rooms: Arc<RoomRegistry>,
+    pub membership_ttl: Duration,
+    pub limits: EventLimits,
+    pub connections: Arc<Connections>,
+}
+
+/// Open connections per user on this gateway, bounded.
+pub struct Connections {
+    max: usize,
+    per_user: std::sync::Mutex<HashMap<ObjectId, usize>>,
+}
+
+impl Connections {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            per_user: Default::default(),
+        }
+    }
+
+    fn try_add(&self, user: ObjectId) -> bool {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let count = per_user.entry(user).or_insert(0);
+        if *count >= self.max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn remove(&self, user: ObjectId) {
+        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_user.get_mut(&user) {
+            *count -= 1;
+            if *count == 0 {
+                per_user.remove(&user);
+            }
+        }
+    }
+}
+
+/// Why a connection was refused; the text is the client's `connect_error` message.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("too many connections")]
+    TooManyConnections,
+}
+
+impl Refusal {
+    fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Token(e) => e.reason(),
+            Refusal::TooManyConnections => "too_many_connections",
+        }
+    }
+}
+
+/// Registers the `/chat` namespace.
+pub fn register(io: &SocketIo) {
+    io.ns(crate::rooms::NAMESPACE, on_connect.with(authenticate));
+}
+
+/// The token from the handshake's `auth.token`, else from `Authorization: Bearer`.
+fn handshake_token(s: &SocketRef, auth: &Option<Value>) -> Result<String, TokenError> {
+    if let Some(token) = auth.as_ref().and_then(|a| a.get("token")) {
+        return match token {
+            Value::String(t) => Ok(t.clone()),
+            Value::Null => Err(TokenError::Missing),
+            _ => Err(TokenError::Invalid),
+        };
+    }
+    let header = s
+        .req_parts()
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    match header {
+        None => Err(TokenError::Missing),
+        Some(h) => bearer(Some(h))
+            .map(str::to_owned)
+            .ok_or(TokenError::Invalid),
+    }
+}
+
+/// Connect middleware: refuses the connection (the client's `connect_error` carries the
+/// reason: `missing token`, `invalid token`, `token expired`) or stores the session and
+/// registers the event handlers.
+///
+/// Handlers are registered here, not in the connect handler: socketioxide sends the
+/// client its CONNECT packet before it spawns the connect handler, so a client that emits
+/// right after connecting could otherwise reach a socket with no handlers yet.
+async fn authenticate(
+    s: SocketRef,
+    TryData(auth): TryData<Value>,
+    State(state): State<SocketState>,
+) -> Result<(), Refusal> {
+    let result = handshake_token(&s, &auth.ok())
+        .and_then(|t| state.chat.jwt.verify(&t))
+        .map_err(Refusal::from)
+        .and_then(|user| {
+            if state.connections.try_add(user.id) {
+                Ok(user)
+            } else {
+                Err(Refusal::TooManyConnections)
+            }
+        });
+    match result {
+        Ok(user) => {
+            s.join(user_key(&user.id));
+            tracing::debug!(socket = %s.id, user_id = %user.id, "connected");
+            let session = Arc::new(Session::new(
+                user,
+                state.membership_ttl,
+                state.drain.clone(),
+                state.limits,
+            ));
+            s.extensions.insert(session.clone());
+            disconnect_at_expiry(s.clone(), session);
+            s.on("join_room", on_join_room);
+            s.on("leave_room", on_leave_room);
+            s.on("send_message", on_send_message);
+            s.on("typing", on_typing);
+            s.on_disconnect(on_disconnect);
+            metrics::gauge!("chat_gateway_connections").increment(1);
+            metrics::counter!("chat_gateway_connects_total").increment(1);
+            Ok(())
+        }
+        Err(e) => {
+            metrics::counter!("chat_gateway_auth_failures_total", "reason" => e.reason())
+                .increment(1);
+            tracing::debug!(reason = e.reason(), "connection refused");
+            Err(e)
+        }
+    }
+}
+
+/// Disconnects the socket when its token expires, after an `exception` saying so
+/// (`{ status: "error", event: "connect", code: "UNAUTHORIZED", message: "token expired" }`).
+/// The client reconnects with a fresh token.
+fn disconnect_at_expiry(s: SocketRef, session: Arc<Session>) {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let left = Duration::from_millis(u64::try_from(session.user.exp * 1000 - now_ms).unwrap_or(0));
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = session.closed.cancelled() => {}
+            _ = tokio::time::sleep(left) => {
+                metrics::counter!("chat_gateway_token_expiry_disconnects_total").increment(1);
+                tracing::debug!(socket = %s.id, user_id = %session.user.id, "token expired, disconnecting");
+                let error = ChatError::Unauthorized(TokenError::Expired.to_string());
+                let _ = s.emit("exception", &error.exception("connect"));
+                let _ = s.disconnect();
+            }
+        }
+    });
+}
+
+/// Everything is set up by [`authenticate`]; see there why.
+async fn on_connect() {}
+
+async fn on_disconnect(s: SocketRef, reason: DisconnectReason, State(state): State<SocketState>) {
+    metrics::gauge!("chat_gateway_connections").decrement(1);
+    metrics::counter!("chat_gateway_disconnects_total", "reason" => reason_label(&reason))
+        .increment(1);
+    if let Some(session) = s.extensions.get::<Arc<Session>>() {
+        tracing::debug!(socket = %s.id, user_id = %session.user.id, %reason, "disconnected");
+        state.connections.remove(session.user.id);
+        for room in session.close() {
+            state.rooms.release(room).await;
+        }
+    }
+}
+
+/// Answers an event: the ack when asked for, else `exception` on failure. Counts it.
+fn respond<T: Serialize>(
+    s: &SocketRef,
+    turn: &Turn,
+    ack: AckSender,
+    event: &'static str,
+    result: Result<T, ChatError>,
+) {
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.label(),
+    };
+    metrics::counter!("chat_gateway_events_total", "event" => event, "result" => outcome)
+        .increment(1);
+    match result {
+        Ok(body) => {
+            if turn.wants_ack {
+                let _ = ack.send(&body);
+            }
+        }
+        Err(error) => {
+            error.log();
+            if turn.wants_ack {
+                let _ = ack.send(&error.ack());
+            } else {
+                let _ = s.emit("exception", &error.exception(event));
+            }
+        }
+    }
+}
+
+/// Refuses an event over the connection's rate with `RATE_LIMITED`; a connection that
+/// keeps going over it is marked to be disconnected once its refusal is sent.
+fn rate_limit(s: &SocketRef, session: &Session) -> Result<(), ChatError> {
+    let admission = session.admit_event();
+    if admission == Admission::Allowed {
+        return Ok(());
+    }
+    metrics::counter!("chat_gateway_rate_limited_total").increment(1);
+    if admission == Admission::Disconnect {
+        metrics::counter!("chat_gateway_rate_limit_disconnects_total").increment(1);
+        tracing::warn!(socket = %s.id, user_id = %session.user.id, "rate limit exceeded persistently, disconnecting");
+        session.kick();
+    }
+    Err(ChatError::RateLimited {
+        message: "rate limit exceeded".into(),
+        retry_after_secs: 1,
+    })
+}
+
+/// Checks that the socket's user is a participant of `room`, trusting a recent check.
+async fn authorize(
+    state: &SocketState,
+    session: &Session,
+    room: ObjectId,
+) -> Result<(), ChatError> {
+    if session.is_verified(&room) {
+        return Ok(());
+    }
+    state.chat.room_for(&session.user.id, room).await?;
+    session.mark_verified(room);
+    Ok(())
+}
+
+async fn on_join_room(
+    s: SocketRef,
+    mut turn: Turn,
+    ack: AckSender,
+    State(state): State<SocketState>,
+    TryData(data): TryData<Value>,
+) {
+    let result = async {
+        turn.wait().await?;
+        let room = payload::room_id(data.ok())?;
+        // Always asks the store: joining is where access is decided.
+        state.chat.room_for(&turn.session.user.id, room).await?;
+        turn.session.mark_verified(room);
+        if !turn.session.is_joined(&room) {
+            state.rooms.acquire(room).await?;
+            if !turn.session.record_join(room) {
+                state.rooms.release(room).await;
+                return Err(ChatError::BadRequest("socket disconnected".into()));
+            }
+            s.join(room_key(&room));
+            tracing::debug!(socket = %s.id, user_id = %turn.session.user.id, room_id = %room, "joined");
+        }
+        Ok(json!({ "ok": true, "roomId": room.to_hex() }))
+    }
+    .await;
+    respond(&s, &turn, ack, "join_room", result);
+}
+
+async fn on_leave_room(
+    s: SocketRef,
+    mut turn: Turn,
+    ack: AckSender,
+    State(state): State<SocketState>,
+    TryData(data): TryData<Value>,
+) {
+    let result = async {
+        turn.wait().await?;
+        let room = payload::room_id(data.ok())?;
+        if turn.session.record_leave(&room) {
+            s.leave(room_key(&room));
+            state.rooms.release(room).await;
+        }
+        Ok(json!({ "ok": true }))
+    }
+    .await;
+    respond(&s, &turn, ack, "leave_room", result);
+}
+
+async fn on_send_message(
+    s: SocketRef,
+    mut turn: Turn,
+    ack: AckSender,
+    State(state): State<SocketState>,
+    TryData(data): TryData<Value>,
+) {
+    let result = async {
+        turn.wait().await?;
+        rate_limit(&s, &turn.session)?;
+        let input = payload::send_message(data.ok())?;
+        authorize(&state, &turn.session, input.room_id).await?;
+        let message = state.chat.post_message(&turn.session.user, input.room_id, input.content, input.client_msg_id.as_ref()).await?;
+        Ok(json!({ "ok": true, "id": message.id.to_hex(), "createdAt": format_time(&message.created_at) }))
+    }
+    .await;
+    respond(&s, &turn, ack, "send_message", result);
+    if turn.session.take_kick() {
+        let _ = s.disconnect();
+    }
+}
+
+async fn on_typing(
+    s: SocketRef,
+    mut turn: Turn,
+    ack: AckSender,
+    State(state): State<SocketState>,
+    TryData(data): TryData<Value>,
+) {
+    let result = async {
+        turn.wait().await?;
+        rate_limit(&s, &turn.session)?;
+        let room = payload::room_id(data.ok())?;
+        authorize(&state, &turn.session, room).await?;
+        state.chat.typing(&turn.session.user, room).await?;
+        Ok(json!({ "ok": true }))
+    }
+    .await;
+    respond(&s, &turn, ack, "typing", result);
+    if turn.session.take_kick() {
+        let _ = s.disconnect();
+    }
+}

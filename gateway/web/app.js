@@ -1,0 +1,344 @@
+// The chat page: REST for accounts, rooms and history; Socket.IO (namespace /chat) for live
+// messages and typing. The Socket.IO client below speaks Engine.IO v4 / Socket.IO v5 over
+// one WebSocket, which is all this page needs; any official client works the same way.
+'use strict';
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  token: sessionStorage.getItem('chat.token'),
+  user: null,
+  room: null,
+  rendered: new Set(),
+  names: new Map(),
+  socket: null,
+  typingSentAt: 0,
+  typingTimer: null,
+  roomsTimer: null,
+};
+
+// ---- REST ---------------------------------------------------------------------------
+
+async function api(method, path, body) {
+  const headers = { 'Content-Type': 'application/json' };
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  const res = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await res.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!res.ok) {
+    const error = new Error((data && data.message) || res.statusText);
+    error.status = res.status;
+    throw error;
+  }
+  return data;
+}
+
+// ---- Socket.IO over WebSocket -----------------------------------------------------------
+
+class ChatSocket {
+  constructor(token, handlers) {
+    this.token = token;
+    this.handlers = handlers;
+    this.acks = new Map();
+    this.nextAck = 0;
+    this.stopped = false;
+    this.retryMs = 500;
+    this.open();
+  }
+
+  open() {
+    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(`${scheme}//${location.host}/socket.io/?EIO=4&transport=websocket`);
+    this.ws = ws;
+    this.connected = false;
+    ws.onmessage = (event) => this.packet(String(event.data));
+    ws.onclose = () => {
+      this.connected = false;
+      this.handlers.status(false);
+      for (const pending of this.acks.values()) pending.reject(new Error('disconnected'));
+      this.acks.clear();
+      if (!this.stopped) {
+        setTimeout(() => this.open(), this.retryMs);
+        this.retryMs = Math.min(this.retryMs * 2, 10_000);
+      }
+    };
+  }
+
+  packet(text) {
+    if (text[0] === '0') {
+      // Engine.IO open: connect to the namespace with the token.
+      this.ws.send('40/chat,' + JSON.stringify({ token: this.token }));
+    } else if (text === '2') {
+      this.ws.send('3');
+    } else if (text.startsWith('40/chat,')) {
+      this.connected = true;
+      this.retryMs = 500;
+      this.handlers.status(true);
+      this.handlers.connect();
+    } else if (text.startsWith('44/chat,')) {
+      const error = JSON.parse(text.slice(8));
+      this.stop();
+      this.handlers.refused(error.message || 'connection refused');
+    } else if (text.startsWith('41/chat,')) {
+      this.ws.close();
+    } else if (text.startsWith('42/chat,')) {
+      const [name, data] = JSON.parse(text.slice(8));
+      this.handlers.event(name, data);
+    } else if (text.startsWith('43/chat,')) {
+      const rest = text.slice(8);
+      const start = rest.indexOf('[');
+      const id = Number(rest.slice(0, start));
+      const [payload] = JSON.parse(rest.slice(start));
+      const pending = this.acks.get(id);
+      if (pending) {
+        this.acks.delete(id);
+        pending.resolve(payload);
+      }
+    }
+  }
+
+  emit(name, data) {
+    return new Promise((resolve, reject) => {
+      if (!this.connected) {
+        reject(new Error('not connected'));
+        return;
+      }
+      const id = this.nextAck++;
+      this.acks.set(id, { resolve, reject });
+      this.ws.send('42/chat,' + id + JSON.stringify([name, data]));
+    });
+  }
+
+  stop() {
+    this.stopped = true;
+    this.ws.close();
+  }
+}
+
+// ---- Accounts ---------------------------------------------------------------------------
+
+function showError(id, error) {
+  $(id).textContent = error ? error.message || String(error) : '';
+}
+
+async function signIn(path, body) {
+  showError('auth-error', null);
+  try {
+    const { accessToken, user } = await api('POST', path, body);
+    state.token = accessToken;
+    sessionStorage.setItem('chat.token', accessToken);
+    start(user);
+  } catch (error) {
+    showError('auth-error', error);
+  }
+}
+
+$('auth-form').addEventListener('submit', (event) => {
+  event.preventDefault();
+  signIn('/auth/login', { email: $('email').value, password: $('password').value });
+});
+
+$('register').addEventListener('click', () => {
+  if (!$('auth-form').reportValidity()) return;
+  const body = { email: $('email').value, password: $('password').value };
+  const displayName = $('display-name').value.trim();
+  if (displayName) body.displayName = displayName;
+  signIn('/auth/register', body);
+});
+
+$('logout').addEventListener('click', () => {
+  sessionStorage.removeItem('chat.token');
+  location.reload();
+});
+
+function start(user) {
+  state.user = user;
+  state.names.set(user._id, user.displayName);
+  $('auth').hidden = true;
+  $('app').hidden = false;
+  $('logout').hidden = false;
+  $('me').textContent = user.displayName;
+  state.socket = new ChatSocket(state.token, {
+    status: (online) => {
+      $('status').textContent = online ? 'online' : 'offline';
+      $('status').classList.toggle('online', online);
+    },
+    connect: () => {
+      // After a reconnect the server knows nothing of our rooms: join the open one again.
+      if (state.room) state.socket.emit('join_room', { roomId: state.room._id }).catch(() => {});
+    },
+    refused: (message) => {
+      showError('chat-error', new Error(`connection refused: ${message}`));
+      if (message === 'token expired' || message === 'invalid token') {
+        sessionStorage.removeItem('chat.token');
+      }
+    },
+    event: onEvent,
+  });
+  loadRooms();
+  // Rooms others put us in show up without a reload.
+  state.roomsTimer = setInterval(loadRooms, 5000);
+}
+
+// ---- Rooms -----------------------------------------------------------------------------
+
+async function loadRooms() {
+  try {
+    const rooms = await api('GET', '/chat/rooms');
+    const list = $('rooms');
+    list.replaceChildren(
+      ...rooms.map((room) => {
+        const li = document.createElement('li');
+        li.dataset.roomId = room._id;
+        li.classList.toggle('active', state.room !== null && state.room._id === room._id);
+        const button = document.createElement('button');
+        button.type = 'button';
+        button.textContent = room.name || `Room ${room._id.slice(-6)}`;
+        button.addEventListener('click', () => openRoom(room));
+        li.append(button);
+        return li;
+      }),
+    );
+  } catch (error) {
+    showError('room-error', error);
+  }
+}
+
+$('room-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  showError('room-error', null);
+  try {
+    const emails = $('room-emails').value.split(',').map((e) => e.trim()).filter(Boolean);
+    const users = await Promise.all(
+      emails.map((email) => api('GET', `/users?email=${encodeURIComponent(email)}`)),
+    );
+    const body = { participantIds: users.map((u) => u._id) };
+    const name = $('room-name').value.trim();
+    if (name) body.name = name;
+    const room = await api('POST', '/chat/rooms', body);
+    $('room-name').value = '';
+    $('room-emails').value = '';
+    await loadRooms();
+    await openRoom(room);
+  } catch (error) {
+    showError('room-error', error);
+  }
+});
+
+async function openRoom(room) {
+  showError('chat-error', null);
+  if (state.room && state.room._id !== room._id) {
+    state.socket.emit('leave_room', { roomId: state.room._id }).catch(() => {});
+  }
+  state.room = room;
+  state.rendered.clear();
+  $('messages').replaceChildren();
+  $('typing').textContent = '';
+  $('room-title').textContent = room.name || `Room ${room._id.slice(-6)}`;
+  $('composer').hidden = false;
+  for (const li of $('rooms').children) li.classList.toggle('active', li.dataset.roomId === room._id);
+  try {
+    // Join first so nothing sent while the history loads is missed; duplicates are skipped.
+    const ack = await state.socket.emit('join_room', { roomId: room._id });
+    if (!ack.ok) throw new Error(ack.error.message);
+    const history = await api('GET', `/chat/rooms/${room._id}/messages?limit=50`);
+    history.reverse().forEach(render);
+  } catch (error) {
+    showError('chat-error', error);
+  }
+}
+
+// ---- Messages and typing ----------------------------------------------------------------
+
+function render(message) {
+  if (!state.room || message.roomId !== state.room._id || state.rendered.has(message.id)) return;
+  state.rendered.add(message.id);
+  const sender = message.sender || {};
+  const name = sender.displayName || sender.email || sender._id;
+  if (sender._id && name) state.names.set(sender._id, name);
+  const li = document.createElement('li');
+  li.className = 'message';
+  li.dataset.id = message.id;
+  const who = document.createElement('span');
+  who.className = 'sender';
+  who.textContent = name;
+  const content = document.createElement('span');
+  content.className = 'content';
+  content.textContent = message.content;
+  const time = document.createElement('time');
+  time.className = 'time';
+  time.dateTime = message.createdAt;
+  time.textContent = new Date(message.createdAt).toLocaleTimeString();
+  li.append(who, content, time);
+  const list = $('messages');
+  list.append(li);
+  list.scrollTop = list.scrollHeight;
+}
+
+async function nameOf(userId) {
+  if (!state.names.has(userId)) {
+    try {
+      state.names.set(userId, (await api('GET', `/users/${userId}`)).displayName);
+    } catch {
+      return 'Someone';
+    }
+  }
+  return state.names.get(userId);
+}
+
+async function onEvent(name, data) {
+  if (name === 'message') {
+    render(data);
+    if (state.room && data.roomId === state.room._id) $('typing').textContent = '';
+  } else if (name === 'user_typing') {
+    if (!state.room || data.roomId !== state.room._id || data.userId === state.user._id) return;
+    $('typing').textContent = `${await nameOf(data.userId)} is typing…`;
+    clearTimeout(state.typingTimer);
+    state.typingTimer = setTimeout(() => { $('typing').textContent = ''; }, 3000);
+  } else if (name === 'exception') {
+    if (data.message === 'token expired') sessionStorage.removeItem('chat.token');
+    showError('chat-error', new Error(data.message));
+  }
+}
+
+$('message-input').addEventListener('input', () => {
+  const now = Date.now();
+  if (!state.room || now - state.typingSentAt < 1500) return;
+  state.typingSentAt = now;
+  state.socket.emit('typing', { roomId: state.room._id }).catch(() => {});
+});
+
+const newId = () =>
+  (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random().toString(16).slice(2)}`);
+
+$('composer').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const input = $('message-input');
+  const content = input.value;
+  if (!content.trim() || !state.room) return;
+  showError('chat-error', null);
+  try {
+    // The same clientMsgId on a retry never makes a second message.
+    const ack = await state.socket.emit('send_message', {
+      roomId: state.room._id,
+      content,
+      clientMsgId: newId(),
+    });
+    if (!ack.ok) throw new Error(ack.error.message);
+    input.value = '';
+  } catch (error) {
+    showError('chat-error', error);
+  }
+});
+
+// ---- Start --------------------------------------------------------------------------------
+
+if (state.token) {
+  api('GET', '/auth/me').then(start, () => {
+    sessionStorage.removeItem('chat.token');
+    state.token = null;
+  });
+}
