@@ -1,0 +1,393 @@
+//! `TestApp`: real Redis, real SecantusDB, an in-process persister and N gateways on free
+//! ports, with a unique database name and Redis prefix per test.
+//!
+//! With `CHAT_TEST_MODE=embedded` the same tests run against the embedded mode instead: one
+//! gateway process-in-test with its in-process backplane and persister and a SQLite store in
+//! a temporary directory; "gateway N" is then that same gateway.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod procs;
+pub mod servers;
+pub mod sio;
+
+use clap::Parser;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use servers::{Mongo, Redis};
+use sio::SioClient;
+use std::sync::atomic::{AtomicU32, Ordering};
+use tokio_util::sync::CancellationToken;
+
+pub const JWT_SECRET: &str = "integration-test-secret";
+
+pub struct Gateway {
+    pub port: u16,
+    pub admin_port: u16,
+    /// Stops an in-process gateway.
+    pub stop: CancellationToken,
+    /// Set for a gateway running as its own process.
+    pub process: Option<procs::Proc>,
+}
+
+pub struct TestApp {
+    /// Whether the gateways run in the embedded mode (`CHAT_TEST_MODE=embedded`).
+    pub embedded: bool,
+    /// Data directories of embedded gateways.
+    pub data_root: tempfile::TempDir,
+    pub redis: Redis,
+    pub mongo: Mongo,
+    pub prefix: String,
+    pub db: String,
+    pub gateways: Vec<Gateway>,
+    pub persister_stop: CancellationToken,
+    pub http: reqwest::Client,
+}
+
+fn unique(name: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{name}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl TestApp {
+    pub async fn spawn(gateways: usize) -> Self {
+        // `RUST_LOG=debug cargo test` shows the services' logs of failing tests.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+        let (redis, mongo) = tokio::join!(Redis::start(), Mongo::start());
+        let prefix = unique("t");
+        let db = unique("chat");
+        let mut app = Self {
+            embedded: std::env::var("CHAT_TEST_MODE").as_deref() == Ok("embedded"),
+            data_root: tempfile::tempdir().expect("temporary directory"),
+            redis,
+            mongo,
+            prefix,
+            db,
+            gateways: Vec::new(),
+            persister_stop: CancellationToken::new(),
+            http: reqwest::Client::new(),
+        };
+        app.start_persister().await;
+        for i in 0..gateways {
+            if app.embedded && i > 0 {
+                // One embedded gateway is the whole server: "gateway i" is that one.
+                let first = &app.gateways[0];
+                let same = Gateway {
+                    port: first.port,
+                    admin_port: first.admin_port,
+                    stop: first.stop.clone(),
+                    process: None,
+                };
+                app.gateways.push(same);
+                continue;
+            }
+            app.add_gateway().await;
+        }
+        app
+    }
+
+    /// Tests of Redis or MongoDB failures have nothing to test in the embedded mode.
+    pub fn skip_when_embedded(&self, why: &str) -> bool {
+        if self.embedded {
+            eprintln!("skipped in the embedded mode: {why}");
+        }
+        self.embedded
+    }
+
+    /// Starts a persister (the previous one, if any, should be stopped first).
+    pub async fn start_persister(&mut self) {
+        if self.embedded {
+            return; // the gateway runs its own
+        }
+        let settings = persister::Settings::parse_from(self.args(
+            "persister",
+            &[
+                "--metrics-port",
+                "0",
+                "--host",
+                "127.0.0.1",
+                "--name",
+                "test-persister",
+                "--read-block-ms",
+                "200",
+                "--batch-size",
+                "50",
+            ],
+        ));
+        let persister = persister::Application::build(settings)
+            .await
+            .expect("persister starts");
+        self.persister_stop = persister.shutdown_token();
+        tokio::spawn(persister.run_until_stopped());
+    }
+
+    /// Command-line arguments of a service: `own`, then Redis and MongoDB of this test.
+    fn args(&self, program: &str, own: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = std::iter::once(program)
+            .chain(own.iter().copied())
+            .map(String::from)
+            .collect();
+        args.extend([
+            "--redis-url".into(),
+            self.redis.url(),
+            "--redis-prefix".into(),
+            self.prefix.clone(),
+            "--mongodb-uri".into(),
+            self.mongo.uri(),
+            "--mongodb-db".into(),
+            self.db.clone(),
+        ]);
+        args
+    }
+
+    /// A store on the test database, to look behind the API.
+    pub async fn store(&self) -> shared::store::MongoStore {
+        let settings = shared::config::MongoSettings {
+            uri: Some(self.mongo.uri()),
+            db: self.db.clone(),
+        };
+        shared::store::MongoStore::connect(&settings, "test")
+            .await
+            .unwrap()
+    }
+
+    pub fn gateway_settings(&self) -> gateway::Settings {
+        let own = [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--jwt-secret",
+            JWT_SECRET,
+            // Tests that flood a socket on purpose set their own limits.
+            "--events-per-second",
+            "1000000",
+            "--event-burst",
+            "1000000",
+        ];
+        if self.embedded {
+            let dir = self
+                .data_root
+                .path()
+                .join(format!("gateway{}", self.gateways.len()));
+            let dir = dir.to_str().expect("UTF-8 temporary path");
+            return gateway::Settings::parse_from(
+                // The same batch size as the distributed tests' persister.
+                [
+                    "gateway",
+                    "--embedded",
+                    "--data-dir",
+                    dir,
+                    "--batch-size",
+                    "50",
+                ]
+                .into_iter()
+                .chain(own),
+            );
+        }
+        gateway::Settings::parse_from(self.args("gateway", &own))
+    }
+
+    pub async fn add_gateway(&mut self) -> usize {
+        self.add_gateway_with(|_| {}).await
+    }
+
+    /// Adds an in-process gateway with adjusted settings.
+    pub async fn add_gateway_with(&mut self, adjust: impl FnOnce(&mut gateway::Settings)) -> usize {
+        let mut settings = self.gateway_settings();
+        adjust(&mut settings);
+        let app = gateway::Application::build(settings)
+            .await
+            .expect("gateway starts");
+        let gw = Gateway {
+            port: app.port(),
+            admin_port: app.admin_port(),
+            stop: app.shutdown_token(),
+            process: None,
+        };
+        tokio::spawn(app.run_until_stopped());
+        self.gateways.push(gw);
+        self.gateways.len() - 1
+    }
+
+    /// The environment of a service process on this test's Redis and MongoDB.
+    pub fn service_env(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![
+            ("HOST".into(), "127.0.0.1".into()),
+            ("REDIS_URL".into(), self.redis.url()),
+            ("REDIS_PREFIX".into(), self.prefix.clone()),
+            ("MONGODB_URI".into(), self.mongo.uri()),
+            ("MONGODB_DB".into(), self.db.clone()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push(((*k).to_owned(), v.clone()));
+        }
+        env
+    }
+
+    /// Starts a persister process (lease 1 s, so a standby takes over quickly) and waits
+    /// until it is ready. Returns it and its admin port.
+    pub async fn persister_process(
+        &self,
+        name: &str,
+        extra: &[(&str, String)],
+    ) -> (procs::Proc, u16) {
+        let admin = servers::free_port();
+        let mut env = vec![
+            ("METRICS_PORT", admin.to_string()),
+            ("PERSISTER_NAME", name.to_owned()),
+            ("LEASE_MS", "1000".to_owned()),
+            ("READ_BLOCK_MS", "200".to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        let proc = procs::Proc::spawn(name, "persister", &self.service_env(&env));
+        wait_ready(admin).await;
+        (proc, admin)
+    }
+
+    /// Starts a gateway process and waits until it is ready; returns its index.
+    pub async fn gateway_process(&mut self, extra: &[(&str, String)]) -> usize {
+        let (port, admin) = (servers::free_port(), servers::free_port());
+        let mut env = vec![
+            ("PORT", port.to_string()),
+            ("METRICS_PORT", admin.to_string()),
+            ("JWT_SECRET", JWT_SECRET.to_owned()),
+            ("EVENTS_PER_SECOND", "1000000".to_owned()),
+            ("EVENT_BURST", "1000000".to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        let proc = procs::Proc::spawn(
+            &format!("gateway:{port}"),
+            "gateway",
+            &self.service_env(&env),
+        );
+        wait_ready(admin).await;
+        self.gateways.push(Gateway {
+            port,
+            admin_port: admin,
+            stop: CancellationToken::new(),
+            process: Some(proc),
+        });
+        self.gateways.len() - 1
+    }
+
+    pub fn port(&self, gateway: usize) -> u16 {
+        self.gateways[gateway].port
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port(0))
+    }
+
+    /// Sends a request to gateway 0; returns the status and the JSON body (or Null).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method.parse().unwrap(), self.url(path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Registers a new user; returns (token, user id).
+    pub async fn user(&self, name: &str) -> (String, String) {
+        let email = format!("{}@example.com", unique(name));
+        let (status, body) = self
+            .call(
+                "POST",
+                "/auth/register",
+                None,
+                Some(json!({ "email": email, "password": "password123", "displayName": name })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        (
+            body["accessToken"].as_str().unwrap().to_owned(),
+            body["user"]["_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Creates a room owned by `token` with the other participants; returns its id.
+    pub async fn room(&self, token: &str, others: &[&str]) -> String {
+        let (status, body) = self
+            .call(
+                "POST",
+                "/chat/rooms",
+                Some(token),
+                Some(json!({ "name": "room", "participantIds": others })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Connects a socket to `gateway` and joins `rooms`.
+    pub async fn member(&self, gateway: usize, token: &str, rooms: &[&str]) -> SioClient {
+        let mut client = SioClient::with_token(self.port(gateway), token).await;
+        for room in rooms {
+            let ack = client.request("join_room", json!({ "roomId": room })).await;
+            assert_eq!(ack, json!({ "ok": true, "roomId": room }));
+        }
+        client
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.persister_stop.cancel();
+        for gw in &self.gateways {
+            gw.stop.cancel();
+        }
+    }
+}
+
+/// Waits until `/readyz` on an admin port answers 200.
+pub async fn wait_ready(admin_port: u16) {
+    let url = format!("http://127.0.0.1:{admin_port}/readyz");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(resp) = reqwest::get(&url).await
+            && resp.status().is_success()
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{url} not ready within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// The value of an unlabelled metric on an admin port, if present.
+pub async fn metric(admin_port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

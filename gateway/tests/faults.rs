@@ -1,0 +1,466 @@
+//! Faults against real processes: a persister killed, MongoDB cut off, Redis restarted.
+//! Every acknowledged message must end up stored once and delivered, in order.
+
+mod common;
+
+use common::procs::ChaosProxy;
+use common::sio::{SioClient, TIMEOUT};
+use common::{TestApp, metric, wait_ready};
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Waits until `check` holds, polling; panics after `timeout`.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not true within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Every message of a room, oldest first, through the REST history.
+async fn history(app: &TestApp, token: &str, room: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut path = format!("/chat/rooms/{room}/messages?limit=100");
+        if let Some(b) = &before {
+            path.push_str(&format!("&before={b}"));
+        }
+        let (_, page) = app.call("GET", &path, Some(token), None).await;
+        let page = page.as_array().unwrap().clone();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().unwrap()["id"].as_str().map(str::to_owned);
+        all.extend(page);
+    }
+    all.reverse();
+    all
+}
+
+/// Receives `ids.len()` messages and checks they are exactly `ids`, in order.
+async fn expect_in_order(client: &SioClient, ids: &[Value]) {
+    for (i, id) in ids.iter().enumerate() {
+        let m = client.next("message").await;
+        assert_eq!(&m["id"], id, "message {i} out of order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_persister_is_replaced_by_its_standby_and_nothing_is_lost() {
+    let app = TestApp::spawn(2).await;
+    app.persister_stop.cancel();
+    let (mut p1, admin1) = app.persister_process("p1", &[]).await;
+    let (mut p2, admin2) = app.persister_process("p2", &[]).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+
+    let deadline = Instant::now() + TIMEOUT;
+    let leader_admin = 'found: loop {
+        for admin in [admin1, admin2] {
+            if metric(admin, "chat_persister_leader").await == Some(1.0) {
+                break 'found admin;
+            }
+        }
+        assert!(Instant::now() < deadline, "no persister leads");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+
+    let acks: Vec<_> = (0..300)
+        .map(|i| {
+            a.emit_with_ack(
+                "send_message",
+                vec![json!({ "roomId": room, "content": format!("k{i}") })],
+            )
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for (i, ack) in acks.into_iter().enumerate() {
+        if i == 50 {
+            // In the middle of the stream, the leader dies without a chance to clean up.
+            if leader_admin == admin1 {
+                p1.kill()
+            } else {
+                p2.kill()
+            }
+        }
+        let ack = tokio::time::timeout(TIMEOUT, ack).await.unwrap().unwrap();
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+        ids.push(ack["id"].clone());
+    }
+    // The standby takes over, claims what the dead leader had read, and delivers the rest:
+    // every message once, in the acknowledged order.
+    expect_in_order(&b, &ids).await;
+    let stored: Vec<Value> = history(&app, &bob, &room)
+        .await
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(stored, ids, "stored exactly once each, in order");
+    let barrier = a
+        .request("send_message", json!({ "roomId": room, "content": "end" }))
+        .await;
+    assert_eq!(b.next("message").await["id"], barrier["id"]);
+    assert!(
+        b.pending("message").is_empty(),
+        "a message was delivered twice"
+    );
+    let survivor = if leader_admin == admin1 {
+        admin2
+    } else {
+        admin1
+    };
+    assert_eq!(metric(survivor, "chat_persister_leader").await, Some(1.0));
+    drop((p1, p2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_cut_off_makes_the_persister_unready_and_it_catches_up() {
+    let app = TestApp::spawn(1).await;
+    app.persister_stop.cancel();
+    let proxy = ChaosProxy::start(app.mongo.port).await;
+    let (_p, admin) = app
+        .persister_process(
+            "p1",
+            &[(
+                "MONGODB_URI",
+                format!("mongodb://127.0.0.1:{}/?directConnection=true", proxy.port),
+            )],
+        )
+        .await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let first = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "before" }),
+        )
+        .await;
+    assert_eq!(a.next("message").await["id"], first["id"]);
+
+    proxy.cut();
+    let mut ids = vec![first["id"].clone()];
+    for i in 0..20 {
+        // Accepted: the ingest stream holds them while MongoDB is unreachable.
+        let ack = a
+            .request(
+                "send_message",
+                json!({ "roomId": room, "content": format!("during {i}") }),
+            )
+            .await;
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+        ids.push(ack["id"].clone());
+    }
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    eventually(
+        "persister reports not ready",
+        Duration::from_secs(20),
+        || async {
+            reqwest::get(&readyz)
+                .await
+                .map(|r| r.status() == 503)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    assert!(
+        a.pending("message").is_empty(),
+        "nothing is published before it is stored"
+    );
+
+    proxy.restore();
+    expect_in_order(&a, &ids[1..]).await;
+    wait_ready(admin).await;
+    let stored: Vec<Value> = history(&app, &ann, &room)
+        .await
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    assert_eq!(stored, ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_is_survived_without_restarting_anything() {
+    let mut app = TestApp::spawn(2).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+
+    // Acknowledged just before Redis dies: the append-only file keeps them.
+    let acks: Vec<_> = (0..20)
+        .map(|i| {
+            a.emit_with_ack(
+                "send_message",
+                vec![json!({ "roomId": room, "content": format!("r{i}") })],
+            )
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for ack in acks {
+        let ack = tokio::time::timeout(TIMEOUT, ack).await.unwrap().unwrap();
+        assert_eq!(ack["ok"], json!(true));
+        ids.push(ack["id"].clone());
+    }
+    app.redis.kill();
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "during the outage" }),
+        )
+        .await;
+    assert_eq!(
+        ack["error"]["code"],
+        json!("UNAVAILABLE"),
+        "never a false ack: {ack}"
+    );
+    app.redis.restart().await;
+    for gw in &app.gateways {
+        wait_ready(gw.admin_port).await;
+    }
+
+    // Fan-out resumes once the gateways have resubscribed by themselves. (Live delivery
+    // is at most once: what was published while a gateway was resubscribing is in the
+    // history only.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let probe = loop {
+        assert!(
+            Instant::now() < deadline,
+            "fan-out did not resume after the Redis restart"
+        );
+        let ack = a
+            .request(
+                "send_message",
+                json!({ "roomId": room, "content": "probe" }),
+            )
+            .await;
+        if ack["ok"] == json!(true) {
+            break ack["id"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    while b.next("message").await["id"] != probe {}
+    let stored: Vec<Value> = history(&app, &bob, &room)
+        .await
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    for id in &ids {
+        assert!(
+            stored.contains(id),
+            "acknowledged message {id} lost across the Redis restart"
+        );
+    }
+    let after = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "after" }),
+        )
+        .await;
+    assert_eq!(b.next("message").await["id"], after["id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_work_and_clients_reconnect_elsewhere() {
+    let mut app = TestApp::spawn(1).await;
+    let g = app
+        .gateway_process(&[("SHUTDOWN_DRAIN_SECS", "5".into())])
+        .await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let b = app.member(0, &bob, &[&room]).await;
+    let mut a = app.member(g, &ann, &[]).await;
+
+    // A steady load: windows of 20 messages in flight, before and after the SIGTERM, until
+    // the gateway closes the connection.
+    let (mut acked, mut refused, mut unanswered, mut sent) = (Vec::new(), 0, 0, 0);
+    while !a.is_disconnected() && sent < 5_000 {
+        let window: Vec<_> = (0..20)
+            .map(|i| {
+                a.emit_with_ack(
+                    "send_message",
+                    vec![json!({ "roomId": room, "content": format!("t{}", sent + i) })],
+                )
+            })
+            .collect();
+        sent += 20;
+        if sent == 100 {
+            app.gateways[g].process.as_ref().unwrap().terminate();
+        }
+        for ack in window {
+            match tokio::time::timeout(TIMEOUT, ack)
+                .await
+                .expect("every ack is answered or dropped")
+            {
+                Ok(ack) if ack["ok"] == json!(true) => acked.push(ack["id"].clone()),
+                // Refused while draining: not accepted, so the client may retry elsewhere.
+                Ok(ack) => {
+                    assert_eq!(ack["error"]["code"], json!("UNAVAILABLE"), "{ack}");
+                    refused += 1;
+                }
+                Err(_) => unanswered += 1, // the connection closed first: not accepted either
+            }
+        }
+    }
+    eprintln!(
+        "sent {sent}: acked {}, refused {refused}, unanswered {unanswered}",
+        acked.len()
+    );
+    let status = app.gateways[g]
+        .process
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(10))
+        .await;
+    assert!(status.success(), "gateway exit status {status}");
+    a.wait_disconnected().await;
+    assert!(
+        !a.was_ns_disconnected(),
+        "the transport must close, so that clients reconnect"
+    );
+    assert!(acked.len() >= 80, "only {} acked", acked.len());
+
+    // The client reconnects to another gateway and reads what it missed.
+    let _a = app.member(0, &ann, &[&room]).await;
+    let stored: Vec<Value> = history(&app, &ann, &room)
+        .await
+        .iter()
+        .map(|m| m["id"].clone())
+        .collect();
+    for id in &acked {
+        assert!(
+            stored.contains(id),
+            "acknowledged {id} missing from history"
+        );
+    }
+    // A message whose ack was lost with the connection may be stored (the client retries
+    // it with the same clientMsgId); no more than that.
+    assert!(stored.len() >= acked.len() && stored.len() <= acked.len() + unanswered);
+    drop(b);
+}
+
+/// Sends messages `c0, c1, …` one after the other with a `clientMsgId`, moving to another
+/// gateway and retrying the same message whenever its gateway goes away, like a client
+/// behind a load balancer. Returns the acknowledged ids in order.
+async fn resilient_sender(
+    ports: Arc<Mutex<Vec<u16>>>,
+    token: String,
+    room: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> Vec<Value> {
+    let mut acked = Vec::new();
+    let mut attempt = 0usize;
+    let mut client: Option<SioClient> = None;
+    let mut i = 0;
+    while !(stop.is_cancelled() && i >= 50) {
+        if client.as_ref().is_none_or(|c| c.is_disconnected()) {
+            attempt += 1;
+            let live = ports.lock().unwrap().clone();
+            let port = live[attempt % live.len()];
+            client = SioClient::connect(port, Some(json!({ "token": token })), &[])
+                .await
+                .ok();
+            if client.is_none() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        }
+        let c = client.as_mut().unwrap();
+        let rx = c.emit_with_ack(
+            "send_message",
+            vec![json!({ "roomId": room, "content": format!("c{i}"), "clientMsgId": format!("c{i}") })],
+        );
+        match tokio::time::timeout(TIMEOUT, rx)
+            .await
+            .expect("ack answered or dropped")
+        {
+            Ok(ack) if ack["ok"] == json!(true) => {
+                acked.push(ack["id"].clone());
+                i += 1;
+            }
+            Ok(ack) => {
+                assert_eq!(ack["error"]["code"], json!("UNAVAILABLE"), "{ack}");
+                client = None; // this gateway is draining: go elsewhere and retry
+            }
+            Err(_) => client = None,
+        }
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_every_gateway_and_persister_loses_nothing() {
+    let mut app = TestApp::spawn(0).await;
+    app.persister_stop.cancel();
+    let (mut p1, _) = app.persister_process("p1", &[]).await;
+    let (mut p2, _) = app.persister_process("p2", &[]).await;
+    let g1 = app.gateway_process(&[]).await;
+    let g2 = app.gateway_process(&[]).await;
+    // REST calls go to gateway 0; keep it pointed at a live one as we go.
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+
+    let ports = Arc::new(Mutex::new(vec![app.port(g1), app.port(g2)]));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sender = tokio::spawn(resilient_sender(
+        ports.clone(),
+        ann.clone(),
+        room.clone(),
+        stop.clone(),
+    ));
+
+    for old in [g1, g2] {
+        let fresh = app.gateway_process(&[]).await;
+        ports.lock().unwrap().push(app.port(fresh));
+        let mut proc = app.gateways[old].process.take().unwrap();
+        ports
+            .lock()
+            .unwrap()
+            .retain(|p| *p != app.gateways[old].port);
+        proc.terminate();
+        assert!(proc.wait_exit(Duration::from_secs(15)).await.success());
+    }
+    for (name, old) in [("p1b", &mut p1), ("p2b", &mut p2)] {
+        let (fresh, _) = app.persister_process(name, &[]).await;
+        old.terminate();
+        assert!(old.wait_exit(Duration::from_secs(15)).await.success());
+        *old = fresh;
+    }
+    stop.cancel();
+    let acked = sender.await.unwrap();
+    assert!(acked.len() >= 50);
+
+    app.gateways.retain(|g| g.process.is_some());
+    let mut stored = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stored.len() < acked.len() && Instant::now() < deadline {
+        stored = history(&app, &ann, &room)
+            .await
+            .iter()
+            .map(|m| m["id"].clone())
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first_difference = stored.iter().zip(&acked).position(|(s, a)| s != a);
+    assert!(
+        stored.len() == acked.len() && first_difference.is_none(),
+        "every acknowledged message stored once, in order: {} stored, {} acked, first difference at {first_difference:?}",
+        stored.len(),
+        acked.len()
+    );
+}

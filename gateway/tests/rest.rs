@@ -1,0 +1,565 @@
+//! The REST contract: every endpoint's success and error statuses and bodies.
+
+mod common;
+
+use common::TestApp;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn nest(status: u16, error: &str, message: &str) -> Value {
+    json!({ "statusCode": status, "error": error, "message": message })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_login_me() {
+    let app = TestApp::spawn(1).await;
+    let reg = |body: Value| app.call("POST", "/auth/register", None, Some(body));
+
+    let (status, body) =
+        reg(json!({ "email": "Ann@Example.com", "password": "password123", "displayName": "Ann" }))
+            .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let user = body["user"].clone();
+    assert_eq!(user["email"], json!("ann@example.com"));
+    assert_eq!(user["displayName"], json!("Ann"));
+    assert_eq!(
+        user.as_object().unwrap().len(),
+        3,
+        "user is {{_id, email, displayName}} only: {user}"
+    );
+    let token = body["accessToken"].as_str().unwrap().to_owned();
+
+    // Default display name, and e-mail uniqueness regardless of case.
+    let (status, body) =
+        reg(json!({ "email": "bob@example.com", "password": "password123" })).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body["user"]["displayName"], json!("bob"));
+    let (status, body) =
+        reg(json!({ "email": "ANN@example.com", "password": "password456" })).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::CONFLICT,
+            nest(409, "Conflict", "email is already registered")
+        )
+    );
+
+    let (status, body) = reg(json!({ "email": "not-an-email", "password": "password123" })).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::BAD_REQUEST,
+            nest(400, "Bad Request", "email must be a valid email address")
+        )
+    );
+    let (status, body) = reg(json!({ "email": "c@example.com", "password": "short" })).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::BAD_REQUEST,
+            nest(400, "Bad Request", "password must be at least 8 characters")
+        )
+    );
+    let (status, body) = reg(json!({ "email": "c@example.com" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"].as_str().unwrap().contains("password"),
+        "{body}"
+    );
+    let (status, body) = reg(json!("just a string")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let resp = app
+        .http
+        .post(app.url("/auth/register"))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["statusCode"],
+        json!(400)
+    );
+
+    let login = |email: &str, password: &str| {
+        app.call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({ "email": email, "password": password })),
+        )
+    };
+    let (status, body) = login("ann@EXAMPLE.com", "password123").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["user"], user);
+    let refused = nest(401, "Unauthorized", "invalid email or password");
+    assert_eq!(
+        login("ann@example.com", "wrong-password").await,
+        (StatusCode::UNAUTHORIZED, refused.clone())
+    );
+    assert_eq!(
+        login("nobody@example.com", "password123").await,
+        (StatusCode::UNAUTHORIZED, refused.clone())
+    );
+    assert_eq!(
+        login("garbage", "password123").await,
+        (StatusCode::UNAUTHORIZED, refused)
+    );
+
+    assert_eq!(
+        app.call("GET", "/auth/me", Some(&token), None).await,
+        (StatusCode::OK, user)
+    );
+    let (status, body) = app.call("GET", "/auth/me", None, None).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNAUTHORIZED,
+            nest(401, "Unauthorized", "missing token")
+        )
+    );
+    let (status, body) = app.call("GET", "/auth/me", Some("garbage"), None).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::UNAUTHORIZED,
+            nest(401, "Unauthorized", "invalid token")
+        )
+    );
+
+    let (status, body) = app.call("GET", "/nowhere", None, None).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::NOT_FOUND,
+            nest(404, "Not Found", "Cannot GET /nowhere")
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms() {
+    let app = TestApp::spawn(1).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (eve, eve_id) = app.user("eve").await;
+
+    let (status, room) = app
+        .call(
+            "POST",
+            "/chat/rooms",
+            Some(&ann),
+            Some(json!({ "name": "general", "participantIds": [bob_id] })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{room}");
+    let room_id = room["_id"].as_str().unwrap().to_owned();
+    assert_eq!(room["name"], json!("general"));
+    assert_eq!(room["participants"], json!([ann_id, bob_id]));
+    assert_eq!(room["lastMessageAt"], Value::Null);
+    assert!(room["createdAt"].as_str().unwrap().ends_with('Z'));
+
+    // The caller is always a participant; a room without a name is fine.
+    let (status, solo) = app
+        .call(
+            "POST",
+            "/chat/rooms",
+            Some(&bob),
+            Some(json!({ "participantIds": [] })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(solo["participants"], json!([bob_id]));
+    assert_eq!(solo["name"], Value::Null);
+
+    let (status, body) = app
+        .call(
+            "POST",
+            "/chat/rooms",
+            Some(&ann),
+            Some(json!({ "participantIds": ["bad"] })),
+        )
+        .await;
+    assert_eq!(
+        (status, body["message"].clone()),
+        (
+            StatusCode::BAD_REQUEST,
+            json!("participantIds must be a 24-character hex ObjectId")
+        )
+    );
+    let (status, body) = app
+        .call(
+            "POST",
+            "/chat/rooms",
+            Some(&ann),
+            Some(json!({ "participantIds": ["0123456789abcdef01234567"] })),
+        )
+        .await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::NOT_FOUND,
+            nest(404, "Not Found", "user 0123456789abcdef01234567 not found")
+        )
+    );
+    let (status, _) = app
+        .call(
+            "POST",
+            "/chat/rooms",
+            None,
+            Some(json!({ "participantIds": [] })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Most recently active first: a message makes `room` newer than `solo`.
+    let (_, list) = app.call("GET", "/chat/rooms", Some(&bob), None).await;
+    assert_eq!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["_id"].clone())
+            .collect::<Vec<_>>(),
+        vec![solo["_id"].clone(), json!(room_id)]
+    );
+    let (status, msg) = app
+        .call(
+            "POST",
+            &format!("/chat/rooms/{room_id}/messages"),
+            Some(&ann),
+            Some(json!({ "content": "hi" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let mut list = Value::Null;
+    for _ in 0..200 {
+        // The persister stores asynchronously; wait until the room's activity moved.
+        list = app.call("GET", "/chat/rooms", Some(&bob), None).await.1;
+        if list[0]["_id"] == json!(room_id) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(list[0]["_id"], json!(room_id), "{list}");
+    assert_eq!(list[0]["lastMessageAt"], msg["createdAt"]);
+    assert_eq!(
+        app.call("GET", "/chat/rooms", Some(&eve), None).await,
+        (StatusCode::OK, json!([]))
+    );
+
+    let path = format!("/chat/rooms/{room_id}");
+    assert_eq!(
+        app.call("GET", &path, Some(&bob), None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.call("GET", "/chat/rooms/xyz", Some(&bob), None).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        app.call(
+            "GET",
+            "/chat/rooms/0123456789abcdef01234567",
+            Some(&bob),
+            None
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = app.call("GET", &path, Some(&eve), None).await;
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::FORBIDDEN,
+            nest(403, "Forbidden", "you are not a participant of this room")
+        )
+    );
+
+    let add = format!("/chat/rooms/{room_id}/participants");
+    assert_eq!(
+        app.call("POST", &add, Some(&eve), Some(json!({ "userId": eve_id })))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        app.call("POST", &add, Some(&ann), Some(json!({ "userId": "nope" })))
+            .await
+            .0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        app.call("POST", &add, Some(&ann), Some(json!({}))).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        app.call(
+            "POST",
+            &add,
+            Some(&ann),
+            Some(json!({ "userId": "0123456789abcdef01234567" }))
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, body) = app
+        .call("POST", &add, Some(&ann), Some(json!({ "userId": eve_id })))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["participants"], json!([ann_id, bob_id, eve_id]));
+    let (_, body) = app
+        .call("POST", &add, Some(&ann), Some(json!({ "userId": eve_id })))
+        .await;
+    assert_eq!(
+        body["participants"].as_array().unwrap().len(),
+        3,
+        "adding twice is a no-op"
+    );
+    assert_eq!(
+        app.call("GET", &path, Some(&eve), None).await.0,
+        StatusCode::OK
+    );
+    let _ = bob;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_history_and_rest_posts_reach_sockets() {
+    let app = TestApp::spawn(2).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (eve, _) = app.user("eve").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+    let path = format!("/chat/rooms/{room}/messages");
+
+    let mut sent = Vec::new();
+    for i in 0..7 {
+        let (status, msg) = app
+            .call(
+                "POST",
+                &path,
+                Some(&ann),
+                Some(json!({ "content": format!("m{i}") })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{msg}");
+        assert_eq!(msg["roomId"], json!(room));
+        assert_eq!(msg["sender"]["_id"], json!(ann_id));
+        assert_eq!(msg["content"], json!(format!("m{i}")));
+        // Delivered to sockets exactly as the REST answer.
+        assert_eq!(b.next("message").await, msg);
+        sent.push(msg);
+    }
+
+    let (status, page) = app
+        .call("GET", &format!("{path}?limit=3"), Some(&bob), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page, json!([sent[6], sent[5], sent[4]]));
+    let before = sent[4]["id"].as_str().unwrap();
+    let (_, page) = app
+        .call(
+            "GET",
+            &format!("{path}?limit=3&before={before}"),
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(page, json!([sent[3], sent[2], sent[1]]));
+    let before = sent[1]["id"].as_str().unwrap();
+    let (_, page) = app
+        .call("GET", &format!("{path}?before={before}"), Some(&bob), None)
+        .await;
+    assert_eq!(page, json!([sent[0]]));
+    let (_, page) = app.call("GET", &path, Some(&bob), None).await;
+    assert_eq!(page.as_array().unwrap().len(), 7);
+    let (_, page) = app
+        .call("GET", &format!("{path}?limit=1000"), Some(&bob), None)
+        .await;
+    assert_eq!(
+        page.as_array().unwrap().len(),
+        7,
+        "limit is capped, not refused"
+    );
+
+    for bad in ["limit=0", "limit=-1", "limit=abc", "before=xyz"] {
+        let (status, body) = app
+            .call("GET", &format!("{path}?{bad}"), Some(&bob), None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    assert_eq!(
+        app.call("GET", &path, Some(&eve), None).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        app.call("GET", &path, None, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        app.call("POST", &path, Some(&eve), Some(json!({ "content": "x" })))
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        app.call(
+            "GET",
+            "/chat/rooms/0123456789abcdef01234567/messages",
+            Some(&bob),
+            None
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+
+    for (body, message) in [
+        (json!({ "content": "" }), "content must not be empty"),
+        (json!({ "content": 12 }), "content must be a string"),
+        (
+            json!({ "content": "x".repeat(10_001) }),
+            "content must be at most 10000 characters",
+        ),
+    ] {
+        let (status, resp) = app.call("POST", &path, Some(&ann), Some(body)).await;
+        assert_eq!(
+            (status, resp),
+            (StatusCode::BAD_REQUEST, nest(400, "Bad Request", message))
+        );
+    }
+    let (status, _) = app.call("POST", &path, Some(&ann), Some(json!({}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let mut app = TestApp::spawn(1).await;
+    let admin = |path: &str| format!("http://127.0.0.1:{}{path}", app.gateways[0].admin_port);
+    let get = |url: String| async move { reqwest::get(url).await.unwrap() };
+    assert_eq!(get(admin("/healthz")).await.status(), StatusCode::OK);
+    assert_eq!(get(admin("/readyz")).await.status(), StatusCode::OK);
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    a.request(
+        "send_message",
+        json!({ "roomId": room, "content": "count me" }),
+    )
+    .await;
+    a.next("message").await;
+    let metrics = get(admin("/metrics")).await.text().await.unwrap();
+    for name in [
+        "chat_gateway_connections",
+        "chat_gateway_events_total",
+        "chat_gateway_deliveries_total",
+        "chat_gateway_ingest_append_seconds_bucket",
+        // The persister's backlog (in-process here, so on the same recorder).
+        "chat_persister_pending_entries",
+        "chat_persister_stream_lag",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    if app.skip_when_embedded("readiness without Redis") {
+        return;
+    }
+    app.redis.kill();
+    assert_eq!(
+        get(admin("/readyz")).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_without_jwt_secret_names_the_variable() {
+    let app = TestApp::spawn(0).await;
+    let mut settings = app.gateway_settings();
+    settings.jwt_secret = None;
+    if app.embedded {
+        // The embedded mode generates one and keeps it in its data directory.
+        let dir = settings.data_dir.clone();
+        gateway::Application::build(settings)
+            .await
+            .expect("starts without JWT_SECRET");
+        let kept = std::fs::read_to_string(dir.join("jwt-secret")).unwrap();
+        assert_eq!(kept.len(), 64);
+        return;
+    }
+    let error = gateway::Application::build(settings)
+        .await
+        .err()
+        .expect("must refuse to start");
+    assert!(
+        error.to_string().contains("JWT_SECRET is required"),
+        "{error:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_limited_per_email_and_per_address() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| {
+        s.login_max_failures_per_email = 3;
+        s.login_max_failures_per_ip = 5;
+    })
+    .await;
+    let (status, _) = app
+        .call(
+            "POST",
+            "/auth/register",
+            None,
+            Some(json!({ "email": "ann@example.com", "password": "password123" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let login = |email: &str, password: &str| {
+        let req = app
+            .http
+            .post(app.url("/auth/login"))
+            .json(&json!({ "email": email, "password": password }));
+        async move { req.send().await.unwrap() }
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            login("ann@example.com", "wrong-password").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // Locked for this e-mail, even with the right password.
+    let resp = login("ANN@example.com", "password123").await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=900).contains(&retry_after),
+        "Retry-After {retry_after}"
+    );
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        nest(
+            429,
+            "Too Many Requests",
+            "too many failed logins, try again later"
+        )
+    );
+    // An unknown e-mail is limited the same way (nothing is revealed); here the address
+    // reaches its limit of 5 failures.
+    for _ in 0..2 {
+        assert_eq!(
+            login("nobody@example.com", "x").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    assert_eq!(
+        login("other@example.com", "x").await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}

@@ -1,0 +1,890 @@
+//! The Socket.IO contract across two gateways, a persister, Redis and MongoDB.
+
+mod common;
+
+use common::sio::SioClient;
+use common::{JWT_SECRET, TestApp};
+use serde_json::{Value, json};
+use shared::jwt::{Claims, JwtKeys};
+
+fn hex24(v: &Value) -> bool {
+    v.as_str()
+        .is_some_and(|s| s.len() == 24 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_accepts_token_or_header_and_refuses_with_reason() {
+    let app = TestApp::spawn(1).await;
+    let (token, _) = app.user("ann").await;
+    let port = app.port(0);
+
+    SioClient::connect(port, Some(json!({ "token": token })), &[])
+        .await
+        .expect("auth.token accepted");
+    SioClient::connect(port, None, &[("authorization", &format!("Bearer {token}"))])
+        .await
+        .expect("Authorization header accepted");
+
+    let refused = |r: Result<SioClient, String>| r.err().expect("connection must be refused");
+    assert_eq!(
+        refused(SioClient::connect(port, None, &[]).await),
+        "missing token"
+    );
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({})), &[]).await),
+        "missing token"
+    );
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({ "token": "" })), &[]).await),
+        "missing token"
+    );
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({ "token": "not.a.jwt" })), &[]).await),
+        "invalid token"
+    );
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({ "token": 42 })), &[]).await),
+        "invalid token"
+    );
+    assert_eq!(
+        refused(SioClient::connect(port, None, &[("authorization", "Basic abc")]).await),
+        "invalid token"
+    );
+
+    let now = chrono::Utc::now().timestamp();
+    let claims = |exp: i64| Claims {
+        sub: "0123456789abcdef01234567".into(),
+        email: None,
+        display_name: None,
+        iat: now - 100,
+        exp,
+        iss: None,
+        aud: None,
+    };
+    let other_secret = JwtKeys::new(b"another-secret", 60)
+        .sign(&claims(now + 60))
+        .unwrap();
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({ "token": other_secret })), &[]).await),
+        "invalid token"
+    );
+    let expired = JwtKeys::new(JWT_SECRET.as_bytes(), 60)
+        .sign(&claims(now - 10))
+        .unwrap();
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({ "token": expired })), &[]).await),
+        "token expired"
+    );
+    let payload = token.split('.').nth(1).unwrap();
+    let alg_none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({ "token": alg_none })), &[]).await),
+        "invalid token"
+    );
+    let mut tampered = token.clone();
+    tampered.insert(token.len() - 3, 'x');
+    assert_eq!(
+        refused(SioClient::connect(port, Some(json!({ "token": tampered })), &[]).await),
+        "invalid token"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_reaches_members_on_both_gateways_exactly_once() {
+    let app = TestApp::spawn(2).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (cat, _) = app.user("cat").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let cats_room = app.room(&cat, &[&ann_id]).await;
+
+    let mut a = app.member(0, &ann, &[&room, &cats_room]).await;
+    let a2 = app.member(1, &ann, &[&room]).await; // the sender's second tab, on the other gateway
+    let b = app.member(1, &bob, &[&room]).await;
+    let c = app.member(1, &cat, &[&cats_room]).await; // not a member of `room`
+
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "hello 👋" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert!(hex24(&ack["id"]));
+    let created_at = ack["createdAt"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(created_at).is_ok()
+            && created_at.len() == 24
+            && created_at.ends_with('Z'),
+        "createdAt {created_at}"
+    );
+    let expected = json!({
+        "id": ack["id"],
+        "roomId": room,
+        "sender": { "_id": ann_id, "email": a_email(&app, &ann).await, "displayName": "ann" },
+        "content": "hello 👋",
+        "createdAt": created_at,
+    });
+    for client in [&a, &a2, &b] {
+        assert_eq!(client.next("message").await, expected);
+    }
+
+    // A barrier: a later message in cat's room reaches cat (and ann) only after anything
+    // published before it, so anything leaked to cat would be there by now.
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": cats_room, "content": "barrier" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true));
+    assert_eq!(c.next("message").await["content"], json!("barrier"));
+    assert_eq!(a.next("message").await["content"], json!("barrier"));
+    assert!(
+        c.pending("message").is_empty(),
+        "non-member got {:?}",
+        c.pending("message")
+    );
+    for client in [&a, &a2, &b] {
+        assert!(client.pending("message").is_empty(), "duplicate delivery");
+    }
+}
+
+async fn a_email(app: &TestApp, token: &str) -> Value {
+    app.call("GET", "/auth/me", Some(token), None).await.1["email"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_others_but_not_the_typer() {
+    let app = TestApp::spawn(2).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+
+    let ack = a.request("typing", json!({ "roomId": room })).await;
+    assert_eq!(ack, json!({ "ok": true }));
+    assert_eq!(
+        b.next("user_typing").await,
+        json!({ "userId": ann_id, "roomId": room })
+    );
+
+    // Barrier: a message published after the typing notice.
+    a.request("send_message", json!({ "roomId": room, "content": "x" }))
+        .await;
+    a.next("message").await;
+    b.next("message").await;
+    assert!(
+        a.pending("user_typing").is_empty(),
+        "the typer was told it types"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_leave_and_membership() {
+    let app = TestApp::spawn(2).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (eve, _) = app.user("eve").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let other = app.room(&ann, &[&bob_id]).await;
+
+    let mut e = SioClient::with_token(app.port(0), &eve).await;
+    let ack = e.request("join_room", json!({ "roomId": room })).await;
+    assert_eq!(
+        ack,
+        json!({ "ok": false, "error": { "code": "FORBIDDEN", "message": "you are not a participant of this room" } })
+    );
+    let ack = e
+        .request("join_room", json!({ "roomId": "0123456789abcdef01234567" }))
+        .await;
+    assert_eq!(
+        ack,
+        json!({ "ok": false, "error": { "code": "NOT_FOUND", "message": "room not found" } })
+    );
+    let ack = e
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "let me in" }),
+        )
+        .await;
+    assert_eq!(ack["error"]["code"], json!("FORBIDDEN"));
+    let ack = e.request("typing", json!({ "roomId": room })).await;
+    assert_eq!(ack["error"]["code"], json!("FORBIDDEN"));
+
+    // Joining is not needed to send.
+    let mut b = SioClient::with_token(app.port(1), &bob).await;
+    let mut a = app.member(0, &ann, &[&room, &other]).await;
+    let ack = b
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "from outside" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true));
+    assert_eq!(a.next("message").await["content"], json!("from outside"));
+
+    // After leaving, nothing more from that room.
+    assert_eq!(
+        a.request("leave_room", json!({ "roomId": room })).await,
+        json!({ "ok": true })
+    );
+    assert_eq!(
+        a.request("leave_room", json!({ "roomId": room })).await,
+        json!({ "ok": true })
+    );
+    b.request(
+        "send_message",
+        json!({ "roomId": room, "content": "after leave" }),
+    )
+    .await;
+    b.request(
+        "send_message",
+        json!({ "roomId": other, "content": "barrier" }),
+    )
+    .await;
+    assert_eq!(a.next("message").await["content"], json!("barrier"));
+    assert!(a.pending("message").is_empty());
+
+    // Joining twice is harmless, and a message is still delivered once.
+    a.request("join_room", json!({ "roomId": room })).await;
+    a.request("join_room", json!({ "roomId": room })).await;
+    b.request("send_message", json!({ "roomId": room, "content": "once" }))
+        .await;
+    b.request(
+        "send_message",
+        json!({ "roomId": other, "content": "barrier 2" }),
+    )
+    .await;
+    assert_eq!(a.next("message").await["content"], json!("once"));
+    assert_eq!(a.next("message").await["content"], json!("barrier 2"));
+    assert!(a.pending("message").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_quick_messages_arrive_complete_and_in_order() {
+    let app = TestApp::spawn(2).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+
+    // All emitted before any ack is awaited.
+    let acks: Vec<_> = (0..200)
+        .map(|i| {
+            a.emit_with_ack(
+                "send_message",
+                vec![json!({ "roomId": room, "content": format!("m{i}") })],
+            )
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for ack in acks {
+        let ack = tokio::time::timeout(common::sio::TIMEOUT, ack)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+        ids.push(ack["id"].clone());
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let m = b.next("message").await;
+        assert_eq!(m["content"], json!(format!("m{i}")));
+        assert_eq!(&m["id"], id);
+    }
+    let (_, history) = app
+        .call(
+            "GET",
+            &format!("/chat/rooms/{room}/messages?limit=100"),
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(history.as_array().unwrap().len(), 100);
+    assert_eq!(history[0]["content"], json!("m199"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_an_error_and_the_socket_stays_usable() {
+    let app = TestApp::spawn(1).await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+
+    let long = "x".repeat(10_001);
+    let bad =
+        |msg: &str| json!({ "ok": false, "error": { "code": "BAD_REQUEST", "message": msg } });
+    let cases: Vec<(&str, Vec<Value>, Value)> = vec![
+        ("join_room", vec![], bad("payload must be an object")),
+        (
+            "join_room",
+            vec![json!("abc")],
+            bad("payload must be an object"),
+        ),
+        (
+            "join_room",
+            vec![json!(null)],
+            bad("payload must be an object"),
+        ),
+        (
+            "join_room",
+            vec![json!([1, 2])],
+            bad("payload must be an object"),
+        ),
+        ("join_room", vec![json!({})], bad("roomId is required")),
+        (
+            "join_room",
+            vec![json!({ "roomId": 7 })],
+            bad("roomId must be a string"),
+        ),
+        (
+            "join_room",
+            vec![json!({ "roomId": "nothex" })],
+            bad("roomId must be a 24-character hex ObjectId"),
+        ),
+        (
+            "leave_room",
+            vec![json!({ "roomId": "zz" })],
+            bad("roomId must be a 24-character hex ObjectId"),
+        ),
+        ("typing", vec![json!(3)], bad("payload must be an object")),
+        (
+            "send_message",
+            vec![json!({ "roomId": room })],
+            bad("content is required"),
+        ),
+        (
+            "send_message",
+            vec![json!({ "roomId": room, "content": "" })],
+            bad("content must not be empty"),
+        ),
+        (
+            "send_message",
+            vec![json!({ "roomId": room, "content": 5 })],
+            bad("content must be a string"),
+        ),
+        (
+            "send_message",
+            vec![json!({ "roomId": room, "content": long })],
+            bad("content must be at most 10000 characters"),
+        ),
+        (
+            "send_message",
+            vec![json!({ "content": "hi" })],
+            bad("roomId is required"),
+        ),
+    ];
+    for (event, args, expected) in cases {
+        let ack = a.emit_with_ack(event, args.clone());
+        let ack = tokio::time::timeout(common::sio::TIMEOUT, ack)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ack, expected, "{event} {args:?}");
+    }
+    // Exactly 10,000 code points (multi-byte) is accepted.
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "é".repeat(10_000) }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    a.next("message").await;
+
+    // Without an ack the error comes as an `exception` event.
+    a.emit("send_message", json!({ "roomId": room, "content": "" }));
+    assert_eq!(
+        a.next("exception").await,
+        json!({ "status": "error", "event": "send_message", "code": "BAD_REQUEST", "message": "content must not be empty" })
+    );
+    a.emit_args("join_room", vec![]);
+    assert_eq!(
+        a.next("exception").await["message"],
+        json!("payload must be an object")
+    );
+    // Unknown events are ignored; the socket stays usable.
+    a.emit("no_such_event", json!({}));
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "still here" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true));
+    assert_eq!(a.next("message").await["content"], json!("still here"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_fails_with_unavailable_while_redis_is_down() {
+    let mut app = TestApp::spawn(1).await;
+    if app.skip_when_embedded("no Redis") {
+        return;
+    }
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    app.redis.kill();
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "lost?" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(false), "{ack}");
+    assert_eq!(ack["error"]["code"], json!("UNAVAILABLE"));
+    assert_eq!(
+        ack["error"]["message"],
+        json!("service temporarily unavailable")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_the_same_client_msg_id_creates_no_second_message() {
+    let app = TestApp::spawn(2).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[]).await;
+    let mut a2 = app.member(1, &ann, &[]).await; // the retry may reach another gateway
+    let b = app.member(1, &bob, &[&room]).await;
+
+    let send = json!({ "roomId": room, "content": "once", "clientMsgId": "c-1" });
+    let first = a.request("send_message", send.clone()).await;
+    assert_eq!(first["ok"], json!(true));
+    let retry = a2.request("send_message", send.clone()).await;
+    assert_eq!(
+        retry, first,
+        "the retry is answered with the original id and time"
+    );
+    // The same clientMsgId from another user is another message.
+    let mut bb = SioClient::with_token(app.port(0), &bob).await;
+    let other = bb.request("send_message", send.clone()).await;
+    assert_ne!(other["id"], first["id"]);
+    // REST honours it too.
+    let (_, rest) = app
+        .call(
+            "POST",
+            &format!("/chat/rooms/{room}/messages"),
+            Some(&ann),
+            Some(json!({ "content": "once", "clientMsgId": "c-1" })),
+        )
+        .await;
+    assert_eq!(rest["id"], first["id"]);
+
+    assert_eq!(b.next("message").await["id"], first["id"]);
+    assert_eq!(b.next("message").await["id"], other["id"]);
+    let barrier = a
+        .request("send_message", json!({ "roomId": room, "content": "end" }))
+        .await;
+    assert_eq!(b.next("message").await["id"], barrier["id"]);
+    assert!(
+        b.pending("message").is_empty(),
+        "a retry was delivered as a new message"
+    );
+    let (_, history) = app
+        .call(
+            "GET",
+            &format!("/chat/rooms/{room}/messages"),
+            Some(&ann),
+            None,
+        )
+        .await;
+    assert_eq!(history.as_array().unwrap().len(), 3);
+
+    for (bad, message) in [
+        (json!(5), "clientMsgId must be a string"),
+        (json!(""), "clientMsgId must be 1 to 64 characters"),
+        (
+            json!("x".repeat(65)),
+            "clientMsgId must be 1 to 64 characters",
+        ),
+    ] {
+        let ack = a
+            .request(
+                "send_message",
+                json!({ "roomId": room, "content": "x", "clientMsgId": bad }),
+            )
+            .await;
+        assert_eq!(ack["error"]["message"], json!(message));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_is_disconnected_when_its_token_expires() {
+    let app = TestApp::spawn(1).await;
+    let (_, ann_id) = app.user("ann").await;
+    let now = chrono::Utc::now().timestamp();
+    let short = JwtKeys::new(JWT_SECRET.as_bytes(), 60)
+        .sign(&Claims {
+            sub: ann_id,
+            email: None,
+            display_name: None,
+            iat: now,
+            exp: now + 2,
+            iss: None,
+            aud: None,
+        })
+        .unwrap();
+    let a = SioClient::with_token(app.port(0), &short).await;
+    assert_eq!(
+        a.next("exception").await,
+        json!({ "status": "error", "event": "connect", "code": "UNAUTHORIZED", "message": "token expired" })
+    );
+    a.wait_disconnected().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_participant_loses_every_access_on_every_gateway() {
+    let app = TestApp::spawn(2).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let a0 = app.member(0, &ann, &[&room]).await;
+    let a1 = app.member(1, &ann, &[&room]).await;
+    let b0 = app.member(0, &bob, &[&room]).await; // joined, on gateway 0
+    let mut b1 = app.member(1, &bob, &[]).await; // not joined, but has sent (access cached), on gateway 1
+    let ack = b1
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "before" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true));
+    for c in [&a0, &a1, &b0] {
+        c.next("message").await;
+    }
+
+    let path = format!("/chat/rooms/{room}/participants/{bob_id}");
+    let (status, body) = app.call("DELETE", &path, Some(&ann), None).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(body["participants"], json!([ann_id]));
+    // Removing again is harmless.
+    assert_eq!(
+        app.call("DELETE", &path, Some(&ann), None).await.0,
+        reqwest::StatusCode::OK
+    );
+
+    // Barrier: the removal was published before this message, on both gateways.
+    let mut a = SioClient::with_token(app.port(0), &ann).await;
+    let after = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "after" }),
+        )
+        .await;
+    assert_eq!(a0.next("message").await["id"], after["id"]);
+    assert_eq!(a1.next("message").await["id"], after["id"]);
+    assert!(
+        b0.pending("message").is_empty(),
+        "a removed participant still receives the room"
+    );
+
+    let forbidden = json!("FORBIDDEN");
+    let ack = b1
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "still here?" }),
+        )
+        .await;
+    assert_eq!(ack["error"]["code"], forbidden, "{ack}");
+    let ack = b1.request("typing", json!({ "roomId": room })).await;
+    assert_eq!(ack["error"]["code"], forbidden);
+    let ack = b1.request("join_room", json!({ "roomId": room })).await;
+    assert_eq!(ack["error"]["code"], forbidden);
+    let (status, _) = app
+        .call(
+            "GET",
+            &format!("/chat/rooms/{room}/messages"),
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
+    // Bob can no longer remove anyone either; bad ids are refused.
+    let (status, _) = app
+        .call(
+            "DELETE",
+            &format!("/chat/rooms/{room}/participants/{ann_id}"),
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
+    let (status, _) = app
+        .call(
+            "DELETE",
+            &format!("/chat/rooms/{room}/participants/nope"),
+            Some(&ann),
+            None,
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_rate_and_connections_per_user_are_limited() {
+    let mut app = TestApp::spawn(0).await;
+    let g = app
+        .add_gateway_with(|s| {
+            s.events_per_second = 0.5;
+            s.event_burst = 5.0;
+            s.rate_limit_disconnect_after = 10;
+            s.max_connections_per_user = 2;
+        })
+        .await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(g, &ann, &[&room]).await;
+
+    for i in 0..5 {
+        let ack = a
+            .request(
+                "send_message",
+                json!({ "roomId": room, "content": format!("{i}") }),
+            )
+            .await;
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+    }
+    let ack = a.request("typing", json!({ "roomId": room })).await;
+    assert_eq!(
+        ack,
+        json!({ "ok": false, "error": { "code": "RATE_LIMITED", "message": "rate limit exceeded" } })
+    );
+    // Joining is not rate limited.
+    assert_eq!(
+        a.request("join_room", json!({ "roomId": room })).await["ok"],
+        json!(true)
+    );
+
+    // A second connection is fine, a third is refused.
+    let second = SioClient::with_token(app.port(g), &ann).await;
+    let refused = SioClient::connect(app.port(g), Some(json!({ "token": ann })), &[]).await;
+    assert_eq!(refused.err().as_deref(), Some("too many connections"));
+
+    // Persisting over the limit gets the connection closed.
+    for _ in 0..9 {
+        a.emit(
+            "send_message",
+            json!({ "roomId": room, "content": "flood" }),
+        );
+    }
+    a.wait_disconnected().await;
+    assert_eq!(a.pending("exception").len(), 9);
+    assert!(
+        a.pending("exception")
+            .iter()
+            .all(|e| e["code"] == json!("RATE_LIMITED"))
+    );
+
+    // Its slot is free again once the server has seen it go.
+    let deadline = std::time::Instant::now() + common::sio::TIMEOUT;
+    loop {
+        if SioClient::connect(app.port(g), Some(json!({ "token": ann })), &[])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection's slot was not freed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_over_the_limit_closes_the_connection() {
+    let mut app = TestApp::spawn(0).await;
+    let g = app.add_gateway_with(|s| s.max_payload_bytes = 2_000).await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(g, &ann, &[&room]).await;
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "x".repeat(1_500) }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true));
+    a.emit(
+        "send_message",
+        json!({ "roomId": room, "content": "x".repeat(3_000) }),
+    );
+    a.wait_disconnected().await;
+    assert!(
+        !a.was_ns_disconnected(),
+        "closed at the transport, like any Socket.IO server"
+    );
+}
+
+/// A client that joins a room and then stops reading, with a small receive buffer.
+struct SlowReader {
+    ws: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+}
+
+impl SlowReader {
+    async fn join(port: u16, token: &str, room: &str) -> Self {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
+        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+        ws.send(Message::text(format!(
+            "40/chat,{}",
+            json!({ "token": token })
+        )))
+        .await
+        .unwrap();
+        // Like every Socket.IO client, wait for the namespace's CONNECT before emitting: an
+        // event for a namespace that is still connecting closes the whole connection.
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.to_text().unwrap_or("").starts_with("40/chat,") {
+                break;
+            }
+        }
+        ws.send(Message::text(format!(
+            "42/chat,0{}",
+            json!(["join_room", { "roomId": room }])
+        )))
+        .await
+        .unwrap();
+        // Reads up to the join's ack, then nothing more until `drain`.
+        while let Some(Ok(msg)) = ws.next().await {
+            if msg.to_text().unwrap_or("").starts_with("43/chat,0") {
+                break;
+            }
+        }
+        Self { ws }
+    }
+
+    /// Reads what the server still sends until it closes the connection; returns the
+    /// contents of the `message` events.
+    async fn drain(mut self) -> Vec<String> {
+        use futures::StreamExt;
+        let mut contents = Vec::new();
+        let read_all = async {
+            while let Some(Ok(msg)) = self.ws.next().await {
+                let text = msg.to_text().unwrap_or("").to_owned();
+                if let Some(json) = text.strip_prefix("42/chat,") {
+                    let event: Value = serde_json::from_str(json).unwrap();
+                    if event[0] == json!("message") {
+                        contents.push(event[1]["content"].as_str().unwrap().to_owned());
+                    }
+                }
+            }
+        };
+        // Up to two heartbeat periods (see the gateway's ping settings below), and some.
+        tokio::time::timeout(std::time::Duration::from_secs(20), read_all)
+            .await
+            .expect("the slow reader was never disconnected");
+        contents
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_disconnected_and_healthy_readers_get_everything() {
+    let mut app = TestApp::spawn(0).await;
+    let g = app
+        .add_gateway_with(|s| {
+            // Three of the test persister's batches of 50 (a batch arrives as one burst).
+            s.socket_buffer_size = 160;
+            // A reader that reads nothing at all is finally closed by the heartbeat (its
+            // buffer never has room for the disconnect packet).
+            s.ping_interval_secs = 4;
+            s.ping_timeout_secs = 4;
+        })
+        .await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (sid, sid_id) = app.user("sid").await;
+    let room = app.room(&ann, &[&bob_id, &sid_id]).await;
+    let healthy = app.member(g, &bob, &[&room]).await;
+    let slow = SlowReader::join(app.port(g), &sid, &room).await;
+    let mut a = app.member(g, &ann, &[]).await;
+
+    // Enough to fill the kernel's socket buffers (about 4 MiB) and the socket's own 160.
+    const N: usize = 800;
+    let filler = "x".repeat(9_000);
+    // In windows of 32: the sender shares the gateway (and its small buffer) with the
+    // readers, and must be neither a slow consumer of its own acks nor outrun the healthy
+    // reader (the embedded mode stores and delivers faster than a test client parses).
+    for window in (0..N).collect::<Vec<_>>().chunks(32) {
+        let acks: Vec<_> = window
+            .iter()
+            .map(|i| {
+                a.emit_with_ack(
+                    "send_message",
+                    vec![json!({ "roomId": room, "content": format!("{i:04}{filler}") })],
+                )
+            })
+            .collect();
+        for ack in acks {
+            let ack = tokio::time::timeout(common::sio::TIMEOUT, ack)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(ack["ok"], json!(true));
+        }
+        // The healthy reader keeps up with the sender; the slow one reads nothing.
+        for i in window {
+            let m = healthy.next("message").await;
+            assert_eq!(
+                &m["content"].as_str().unwrap()[..4],
+                format!("{i:04}"),
+                "healthy reader missed a message"
+            );
+        }
+    }
+    let got = slow.drain().await;
+    eprintln!("slow reader got {} of {N} before it was cut off", got.len());
+    assert!(got.len() < N, "the slow reader was not disconnected");
+    for (i, content) in got.iter().enumerate() {
+        assert_eq!(
+            &content[..4],
+            format!("{i:04}"),
+            "the slow reader was fed a stream with a gap"
+        );
+    }
+    let disconnects = common::metric(
+        app.gateways[g].admin_port,
+        "chat_gateway_slow_consumer_disconnects_total",
+    )
+    .await;
+    assert!(disconnects >= Some(1.0), "{disconnects:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_gateways_with_local_members_subscribe_to_a_room() {
+    let app = TestApp::spawn(2).await;
+    if app.skip_when_embedded("no Redis") {
+        return;
+    }
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let channel = format!("{}:room:{{{room}}}", app.prefix);
+    app.redis.wait_numsub(&channel, 0).await;
+    // Members on gateway 0 only: only gateway 0 subscribes, so Redis sends this room's
+    // traffic to gateway 0 and none to gateway 1.
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let b = app.member(0, &bob, &[&room]).await;
+    app.redis.wait_numsub(&channel, 1).await;
+    let ack = a
+        .request("send_message", json!({ "roomId": room, "content": "hi" }))
+        .await;
+    assert_eq!(ack["ok"], json!(true));
+    assert_eq!(b.next("message").await["content"], json!("hi"));
+    // A member on gateway 1 makes it subscribe too; the last one leaving unsubscribes.
+    let mut c = app.member(1, &bob, &[&room]).await;
+    app.redis.wait_numsub(&channel, 2).await;
+    let left = c.request("leave_room", json!({ "roomId": room })).await;
+    assert_eq!(left, json!({ "ok": true }));
+    app.redis.wait_numsub(&channel, 1).await;
+}

@@ -1,0 +1,96 @@
+// The seed's WebSocket API, exercised with the official socket.io-client.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { io } from 'socket.io-client';
+import { startTopology, register, createRoom, once } from './harness.mjs';
+
+let topo;
+let ann;
+let bob;
+let room;
+const sockets = [];
+
+before(async () => {
+  topo = await startTopology();
+  const base = topo.gateways[0].url;
+  ann = await register(base, 'ann');
+  bob = await register(base, 'bob');
+  room = await createRoom(base, ann.accessToken, [bob.user._id]);
+});
+
+after(async () => {
+  for (const s of sockets) s.disconnect();
+  await topo?.stop();
+});
+
+function connect(gateway, opts) {
+  const socket = io(`${topo.gateways[gateway].url}/chat`, { reconnection: false, forceNew: true, ...opts });
+  sockets.push(socket);
+  return socket;
+}
+
+async function connected(socket) {
+  if (!socket.connected) await once(socket, 'connect');
+  return socket;
+}
+
+test('auth.token is accepted, a missing or bad token is refused with a reason', async () => {
+  await connected(connect(0, { auth: { token: ann.accessToken } }));
+  const missing = await once(connect(0, {}), 'connect_error');
+  assert.equal(missing.message, 'missing token');
+  const invalid = await once(connect(0, { auth: { token: 'nope' } }), 'connect_error');
+  assert.equal(invalid.message, 'invalid token');
+});
+
+test('the Authorization header (extraHeaders) is accepted', async () => {
+  const s = await connected(connect(1, { extraHeaders: { Authorization: `Bearer ${bob.accessToken}` } }));
+  const ack = await s.emitWithAck('join_room', { roomId: room._id });
+  assert.deepEqual(ack, { ok: true, roomId: room._id });
+});
+
+for (const transports of [['websocket'], ['polling'], ['polling', 'websocket']]) {
+  test(`join, send, message and typing over ${transports.join(' then ')}`, async () => {
+    const a = await connected(connect(0, { transports, auth: { token: ann.accessToken } }));
+    const b = await connected(connect(1, { transports, auth: { token: bob.accessToken } }));
+    assert.deepEqual(await a.emitWithAck('join_room', { roomId: room._id }), { ok: true, roomId: room._id });
+    assert.deepEqual(await b.emitWithAck('join_room', { roomId: room._id }), { ok: true, roomId: room._id });
+
+    const gotA = once(a, 'message');
+    const gotB = once(b, 'message');
+    const ack = await a.emitWithAck('send_message', { roomId: room._id, content: `hello over ${transports}` });
+    assert.equal(ack.ok, true);
+    const expected = {
+      id: ack.id,
+      roomId: room._id,
+      sender: { _id: ann.user._id, email: ann.user.email, displayName: 'ann' },
+      content: `hello over ${transports}`,
+      createdAt: ack.createdAt,
+    };
+    assert.deepEqual(await gotB, expected);
+    assert.deepEqual(await gotA, expected);
+    assert.match(expected.createdAt, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+
+    const typing = once(b, 'user_typing');
+    a.emit('typing', { roomId: room._id });
+    assert.deepEqual(await typing, { userId: ann.user._id, roomId: room._id });
+
+    // The seed's fire-and-forget style works too.
+    const next = once(b, 'message');
+    a.emit('send_message', { roomId: room._id, content: 'no ack' });
+    assert.equal((await next).content, 'no ack');
+    a.disconnect();
+    b.disconnect();
+  });
+}
+
+test('errors come as failure acks, or as `exception` without an ack', async () => {
+  const a = await connected(connect(0, { auth: { token: ann.accessToken } }));
+  const ack = await a.emitWithAck('send_message', { roomId: room._id, content: '' });
+  assert.deepEqual(ack, { ok: false, error: { code: 'BAD_REQUEST', message: 'content must not be empty' } });
+  const exception = once(a, 'exception');
+  a.emit('join_room', { roomId: 'not-an-id' });
+  assert.deepEqual(await exception, {
+    status: 'error', event: 'join_room', code: 'BAD_REQUEST', message: 'roomId must be a 24-character hex ObjectId',
+  });
+  assert.equal(a.connected, true);
+});
