@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Runs the same load scenarios against this project and the Node.js peer
+# (loadtest/peers/node: socket.io 4 + @socket.io/redis-adapter) in one run, and writes a
+# side-by-side table with ratios.
+#
+#   loadtest/bench.sh [OUT_DIR]        (default: target/bench/<timestamp>)
+#
+# Servers (Redis, SecantusDB, persister, gateways or Node processes) run on core
+# $SERVER_CPU (0), the load generator on core $LOAD_CPU (1), with taskset. All traffic is
+# on loopback and every process started here is stopped by PID at the end.
+#
+# Scale with env vars: FANOUT_SECONDS (10), MESSAGE_RATE (1000 messages/s in the `message`
+# fan-out), LATENCY_RATE (1000), LATENCY_SECONDS (10),
+# CONNECT_CLIENTS (10000), PERSIST_MESSAGES (20000), IDLE_CLIENTS (15000; one process may hold at most `ulimit -n`
+# sockets, so keep it under that).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+out=${1:-target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+FANOUT_SECONDS=${FANOUT_SECONDS:-10}
+LATENCY_RATE=${LATENCY_RATE:-1000}
+LATENCY_SECONDS=${LATENCY_SECONDS:-10}
+CONNECT_CLIENTS=${CONNECT_CLIENTS:-10000}
+MESSAGE_RATE=${MESSAGE_RATE:-1000}
+PERSIST_MESSAGES=${PERSIST_MESSAGES:-20000}
+IDLE_CLIENTS=${IDLE_CLIENTS:-15000}
+SECRET="bench-secret-$RANDOM$RANDOM"
+
+echo "==> building (release)"
+cargo build --release --locked -p gateway -p persister -p loadtest
+if [ ! -x .venv/bin/secantusd-py ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check --pre -r tests/python/requirements.txt
+fi
+if ! cmp -s loadtest/peers/node/package-lock.json loadtest/peers/node/node_modules/.installed-lock 2>/dev/null; then
+  (cd loadtest/peers/node && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
+fi
+
+pids=()
+stop_all() {
+  # Newest first: gateways and persister before Redis and the database they drain into.
+  local i
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
+  pids=()
+}
+trap stop_all EXIT INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_http() {
+  for _ in $(seq 1 600); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "no answer from $1" >&2
+  return 1
+}
+server() { taskset -c "$SERVER_CPU" "$@" & pids+=($!); }
+load() { taskset -c "$LOAD_CPU" target/release/loadtest "$@"; }
+
+start_redis() {
+  redis_port=$(free_port)
+  server redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --loglevel warning
+  redis_pid=${pids[-1]}
+  until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
+}
+
+start_ours() {
+  start_redis
+  mongo_port=$(free_port)
+  server .venv/bin/secantusd-py --host 127.0.0.1 --port "$mongo_port" --storage-path :memory: \
+    --log-level WARNING
+  mongo_pid=${pids[-1]}
+  export JWT_SECRET=$SECRET REDIS_URL="redis://127.0.0.1:$redis_port" \
+    MONGODB_URI="mongodb://127.0.0.1:$mongo_port" MONGODB_DB=bench LOG_FORMAT=text RUST_LOG=warn
+  p_admin=$(free_port)
+  METRICS_PORT=$p_admin TOKIO_WORKER_THREADS=1 server target/release/persister
+  persister_pid=${pids[-1]}
+  urls=() metrics=() gw_pids=()
+  for _ in 1 2; do
+    port=$(free_port) admin=$(free_port)
+    # Load runs send far above the per-connection rate limit meant for people. One tokio
+    # worker per gateway: each has one core here, as each Node process has one thread.
+    PORT=$port METRICS_PORT=$admin EVENTS_PER_SECOND=1000000 EVENT_BURST=1000000 \
+      TOKIO_WORKER_THREADS=1 HOST=127.0.0.1 server target/release/gateway
+    gw_pids+=("${pids[-1]}")
+    urls+=(--url "http://127.0.0.1:$port")
+    metrics+=(--metrics "http://127.0.0.1:$admin")
+    wait_http "http://127.0.0.1:$admin/readyz"
+  done
+  wait_http "http://127.0.0.1:$p_admin/readyz"
+  metrics+=(--metrics "http://127.0.0.1:$p_admin")
+  target=(--jwt-secret "$SECRET" --mongodb-uri "$MONGODB_URI" --mongodb-db bench)
+  unset JWT_SECRET REDIS_URL MONGODB_URI MONGODB_DB
+}
+
+start_peer() {
+  start_redis
+  urls=() metrics=() gw_pids=()
+  for _ in 1 2; do
+    port=$(free_port)
+    PORT=$port JWT_SECRET=$SECRET REDIS_URL="redis://127.0.0.1:$redis_port" \
+      server node loadtest/peers/node/server.mjs
+    gw_pids+=("${pids[-1]}")
+    urls+=(--url "http://127.0.0.1:$port")
+    wait_http "http://127.0.0.1:$port/healthz"
+  done
+  target=(--jwt-secret "$SECRET" --mint-only)
+}
+
+run() { # name, then loadtest arguments
+  local name=$1
+  shift
+  local pidargs=()
+  for p in "${gw_pids[@]}"; do pidargs+=(--pid "$p"); done
+  echo "==> $side: $name"
+  load "${urls[@]}" "${metrics[@]}" "${target[@]}" "${pidargs[@]}" --pid "$redis_pid" \
+    --json "$out/$side-$name.json" "$@" >/dev/null
+}
+
+scenarios() {
+  run latency-typing latency --rooms 50 --rate "$LATENCY_RATE" --duration "$LATENCY_SECONDS" \
+    --event typing --plot "$out/$side-latency-typing.svg"
+  run latency-message latency --rooms 50 --rate "$LATENCY_RATE" --duration "$LATENCY_SECONDS" \
+    --event message --plot "$out/$side-latency-message.svg"
+  # typing: as fast as acks allow (no store on either side). message: at a fixed rate the
+  # store keeps up with, so that every message is stored and delivered within the run.
+  run fanout-typing fanout --rooms 20 --members 100 --duration "$FANOUT_SECONDS" --event typing
+  run fanout-message fanout --rooms 20 --members 100 --duration "$FANOUT_SECONDS" --event message \
+    --rate "$MESSAGE_RATE"
+  run connect connect --clients "$CONNECT_CLIENTS" --rooms 100
+  # Idle connections all on the first server, so its RSS growth is per connection.
+  local first=("${urls[@]:0:2}")
+  local pidargs=(--pid "${gw_pids[0]}")
+  echo "==> $side: idle"
+  load "${first[@]}" "${target[@]}" "${pidargs[@]}" --source 127.0.0.2,127.0.0.3 \
+    --json "$out/$side-idle.json" idle --clients "$IDLE_CLIENTS" >/dev/null
+}
+
+{
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+  echo "kernel: $(uname -r)"
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "node: $(node --version)"
+} > "$out/machine.txt"
+
+side=gateway
+start_ours
+scenarios
+# The persister against the store's own batched insert rate (the peer stores nothing).
+run persist persist --messages "$PERSIST_MESSAGES"
+stop_all
+
+side=node
+start_peer
+scenarios
+stop_all
+
+python3 loadtest/compare.py "$out" | tee "$out/summary.md"
+echo "results in $out"
