@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Runs every check and test. Installs what it needs when it is missing: redis-server,
+# chromium, haproxy and prometheus (apt), a Python venv with SecantusDB (the MongoDB-protocol
+# test server) and python-socketio, the npm packages of the JavaScript suite, and the deploy
+# check tools (deploy/check.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "dependencies"
+# Debian packages: Redis for the integration tests, Chromium for the chat page's browser
+# test, HAProxy for the load-balancer test, promtool (package prometheus) for the deploy checks.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}"
+  sudo_=(); [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
+  "${sudo_[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+requirements=tests/python/requirements.txt
+if [ ! -x .venv/bin/secantusd-py ] || ! cmp -s "$requirements" .venv/.requirements 2>/dev/null; then
+  echo "creating .venv (SecantusDB, python-socketio)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check --pre -r "$requirements"
+  cp "$requirements" .venv/.requirements
+fi
+if ! cmp -s tests/js/package-lock.json tests/js/node_modules/.installed-lock 2>/dev/null; then
+  echo "installing JavaScript test packages"
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
+fi
+export SECANTUSD="$root/.venv/bin/secantusd-py"
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo deny (licences, bans, sources)"
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  echo "installing cargo-deny"
+  cargo install --locked --quiet cargo-deny
+fi
+cargo deny check licenses bans sources
+# The advisory database is fetched from the network; check it when a copy is present.
+if ls "${CARGO_HOME:-$HOME/.cargo}"/advisory-dbs/* >/dev/null 2>&1; then
+  cargo deny --offline check advisories
+else
+  echo "advisory database not present: cargo deny check advisories skipped"
+fi
+
+step "cargo test (unit and integration, real Redis and SecantusDB)"
+# The fault tests run the gateway and persister binaries as processes.
+cargo build --workspace --locked --bins
+cargo test --workspace --locked
+
+step "contract tests against the embedded mode (one process, SQLite)"
+CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest
+
+step "JavaScript suite (official socket.io-client; HAProxy affinity; the chat page in Chromium)"
+(cd tests/js && npm test && CHAT_MODE=embedded npm run test:contract)
+
+step "Python suite (official python-socketio), both modes"
+.venv/bin/python -m unittest discover -s tests/python -v
+CHAT_MODE=embedded .venv/bin/python -m unittest discover -s tests/python -v
+
+step "deploy checks (Helm chart, Dockerfile, compose, alerts, live metrics)"
+deploy/check.sh
+
+echo
+echo "all checks passed"
