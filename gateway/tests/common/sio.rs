@@ -136,7 +136,14 @@ impl SioClient {
         let id = self.next_ack;
         self.next_ack += 1;
         let (tx, rx) = oneshot::channel();
-        self.inbox.lock().unwrap().acks.insert(id, tx);
+        let mut inbox = self.inbox.lock().unwrap();
+        // Once the connection is gone nothing will answer: dropping the sender tells the
+        // caller at once. (Inserting it would leave it waiting, since the reader task
+        // cleared the pending acks when the connection closed.)
+        if !inbox.disconnected {
+            inbox.acks.insert(id, tx);
+        }
+        drop(inbox);
         let mut list = vec![json!(event)];
         list.extend(args);
         self.send_raw(format!("42{NS},{id}{}", Value::Array(list)));
