@@ -228,14 +228,27 @@ async fn redis_restart_is_survived_without_restarting_anything() {
         json!("UNAVAILABLE"),
         "never a false ack: {ack}"
     );
+    // Readiness drops while Redis is gone, so a load balancer stops sending new clients.
+    for gw in &app.gateways {
+        let url = format!("http://127.0.0.1:{}/readyz", gw.admin_port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reqwest::get(&url).await.unwrap().status().is_success() {
+            assert!(
+                Instant::now() < deadline,
+                "{url} stayed ready without Redis"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
     app.redis.restart().await;
+    // Ready again means resubscribed: /readyz answers 200 only once every room channel is
+    // subscribed on the new connection. (Live delivery is at most once: what was published
+    // while a gateway was resubscribing is in the history only.)
     for gw in &app.gateways {
         wait_ready(gw.admin_port).await;
     }
 
-    // Fan-out resumes once the gateways have resubscribed by themselves. (Live delivery
-    // is at most once: what was published while a gateway was resubscribing is in the
-    // history only.)
+    // The commands connection may still be reconnecting, so the first sends can fail.
     let deadline = Instant::now() + Duration::from_secs(20);
     let probe = loop {
         assert!(

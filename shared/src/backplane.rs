@@ -18,6 +18,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use mongodb::bson::oid::ObjectId;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The backplane could not do what was asked; the caller reports `UNAVAILABLE`.
@@ -234,6 +235,10 @@ pub struct RedisBackplane {
     keys: Keys,
     commands: Client,
     subscriber: Option<SubscriberClient>,
+    /// False from the moment the subscriber connection fails until every room channel was
+    /// subscribed again on the new connection: room events published meanwhile are lost
+    /// for this process, so it reports itself not ready.
+    subscriptions_live: Arc<AtomicBool>,
 }
 
 impl RedisBackplane {
@@ -245,6 +250,7 @@ impl RedisBackplane {
             keys: Keys::new(&settings.prefix),
             commands,
             subscriber: None,
+            subscriptions_live: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -257,7 +263,7 @@ impl RedisBackplane {
         let mut backplane = Self::connect(settings).await?;
         let subscriber = builder(settings)?.build_subscriber_client()?;
         subscriber.init().await?;
-        let _resubscribe = subscriber.manage_subscriptions();
+        backplane.watch_subscriptions(&subscriber);
         subscriber
             .subscribe(backplane.keys.control_channel())
             .await?;
@@ -285,6 +291,49 @@ impl RedisBackplane {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Restores the subscriptions after every reconnect (as fred's `manage_subscriptions`
+    /// does) and keeps `subscriptions_live` true only while they are in place, so that
+    /// readiness can tell a gateway that would miss room events.
+    fn watch_subscriptions(&self, subscriber: &SubscriberClient) {
+        let mut errors = subscriber.error_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        let live = self.subscriptions_live.clone();
+        let subscriber = subscriber.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                tokio::select! {
+                    error = errors.recv() => match error {
+                        Ok((error, _)) => {
+                            if live.swap(false, Ordering::SeqCst) {
+                                tracing::warn!(%error, "Redis subscriber connection lost; room events are missed until it is back");
+                            }
+                        }
+                        Err(RecvError::Lagged(_)) => live.store(false, Ordering::SeqCst),
+                        Err(RecvError::Closed) => break,
+                    },
+                    reconnect = reconnects.recv() => match reconnect {
+                        Ok(_) | Err(RecvError::Lagged(_)) => {
+                            live.store(false, Ordering::SeqCst);
+                            match subscriber.resubscribe_all().await {
+                                Ok(()) => {
+                                    live.store(true, Ordering::SeqCst);
+                                    tracing::info!(
+                                        channels = subscriber.tracked_channels().len(),
+                                        "Redis subscriber reconnected and resubscribed"
+                                    );
+                                }
+                                // The connection failed again; the next reconnect retries.
+                                Err(error) => tracing::error!(%error, "resubscribing after a Redis reconnect failed"),
+                            }
+                        }
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
     }
 
     fn subscriber(&self) -> Result<&SubscriberClient, BackplaneError> {
@@ -407,6 +456,13 @@ impl Backplane for RedisBackplane {
 
     async fn ping(&self) -> Result<(), BackplaneError> {
         let _: String = self.commands.ping(None).await?;
+        if let Some(subscriber) = &self.subscriber
+            && (!subscriber.is_connected() || !self.subscriptions_live.load(Ordering::SeqCst))
+        {
+            return Err(BackplaneError(
+                "the pub/sub connection is down or still resubscribing".into(),
+            ));
+        }
         Ok(())
     }
 
