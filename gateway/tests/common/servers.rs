@@ -75,7 +75,7 @@ impl Redis {
     pub async fn restart(&mut self) {
         self.kill();
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let mut child = Command::new(&bin)
+        let child = Command::new(&bin)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -91,8 +91,10 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} (install redis-server): {e}"));
-        wait_for_port(self.port, "redis-server", &mut child).await;
-        self.child = Some(child);
+        // Owned by `self` before waiting, so that a panic or a cancelled start (e.g. the
+        // other server of a `join!` failing) kills it instead of leaving it running.
+        let child = self.child.insert(child);
+        wait_for_port(self.port, "redis-server", child).await;
     }
 
     pub fn url(&self) -> String {
@@ -166,7 +168,7 @@ impl Mongo {
             .map(PathBuf::from)
             .unwrap_or_else(|_| workspace_root().join(".venv/bin/secantusd-py"));
         let port = free_port();
-        let mut child = Command::new(&bin)
+        let child = Command::new(&bin)
             .args([
                 "--host",
                 "127.0.0.1",
@@ -186,8 +188,10 @@ impl Mongo {
                     bin.display()
                 )
             });
-        wait_for_port(port, "secantusd-py", &mut child).await;
-        Self { port, child }
+        // Owned (and so killed on drop) before waiting, as for Redis.
+        let mut mongo = Self { port, child };
+        wait_for_port(port, "secantusd-py", &mut mongo.child).await;
+        mongo
     }
 
     pub fn uri(&self) -> String {
