@@ -60,6 +60,9 @@ step "cargo test (unit and integration, real Redis and SecantusDB)"
 cargo build --workspace --locked --bins
 cargo test --workspace --locked
 
+step "contract tests on a Redis Cluster (3 masters, 3 replicas; 2 gateways, 3 persisters)"
+CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test socket --test rest
+
 step "contract tests against the embedded mode (one process, SQLite)"
 CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest
 

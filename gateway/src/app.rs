@@ -8,10 +8,10 @@ use crate::settings::{Mode, Settings};
 use crate::socket::{self, Connections, EventLimits, SocketState};
 use anyhow::{Context, anyhow};
 use shared::admin::listen;
-use shared::backplane::{Backplane, RedisBackplane, RoomEventSink};
+use shared::backplane::{Backplane, MemoryBackplane, RedisBackplane, RoomEventSink};
 use shared::config::Secret;
+use shared::counters::{Counters, MemoryCounters, RedisCounters};
 use shared::jwt::JwtKeys;
-use shared::memory::MemoryBackplane;
 use shared::sqlite::SqliteStore;
 use shared::store::{MongoStore, Store};
 use socketioxide::SocketIo;
@@ -148,13 +148,20 @@ impl Application {
             let fanout = fanout.clone();
             Arc::new(move |event| fanout.deliver(&event))
         };
-        let (backplane, embedded): (Arc<dyn Backplane>, _) = match mode {
+        let (backplane, counters, embedded): (Arc<dyn Backplane>, Arc<dyn Counters>, _) = match mode
+        {
             Mode::Distributed => (
                 Arc::new(
-                    RedisBackplane::connect_with_sink(&settings.redis, sink)
+                    RedisBackplane::connect_with_sink(&settings.redis, &settings.ingest, sink)
                         .await
                         .context("connecting to Redis (REDIS_URL)")?,
                 ),
+                Arc::new(RedisCounters::new(
+                    shared::backplane::connect_client(&settings.redis)
+                        .await
+                        .context("connecting to Redis (REDIS_URL)")?,
+                    &settings.redis.prefix,
+                )),
                 None,
             ),
             Mode::Embedded => {
@@ -163,7 +170,11 @@ impl Application {
                     backplane: memory.clone(),
                     store: store.clone(),
                 };
-                (memory as Arc<dyn Backplane>, Some(parts))
+                (
+                    memory as Arc<dyn Backplane>,
+                    Arc::new(MemoryCounters::default()),
+                    Some(parts),
+                )
             }
         };
 
@@ -205,6 +216,7 @@ impl Application {
             chat,
             drain: drain_state.clone(),
             login: LoginLimits {
+                counters,
                 max_failures_per_email: settings.login_max_failures_per_email,
                 max_failures_per_ip: settings.login_max_failures_per_ip,
                 window: Duration::from_secs(settings.login_window_secs.max(1)),
@@ -315,14 +327,7 @@ impl Application {
             );
             let sampler = tokio::spawn(persister::sample_backlog(backplane.clone()));
             tokio::spawn(async move {
-                persister::run_worker(
-                    backplane.as_ref(),
-                    backplane.as_ref(),
-                    store.as_ref(),
-                    batch_size,
-                    &stop,
-                )
-                .await;
+                persister::run_worker(backplane, store, batch_size, stop).await;
                 sampler.abort();
             })
         });

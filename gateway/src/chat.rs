@@ -56,7 +56,9 @@ impl Chat {
             created_at: now_millis(),
         };
         let started = std::time::Instant::now();
-        let key = client_msg_id.map(|c| format!("{}:{}", user.id.to_hex(), c.as_str()));
+        // Scoped per sender and room: the same client id in another room is another message.
+        let key =
+            client_msg_id.map(|c| format!("{}:{}:{}", user.id.to_hex(), room.to_hex(), c.as_str()));
         if let Appended::Duplicate { id, created_at } =
             self.backplane.append(&message, key.as_deref()).await?
         {

@@ -128,6 +128,13 @@ impl Fanout {
     }
 
     pub fn deliver(&self, event: &RoomEvent) {
+        if let RoomEvent::Messages(batch) = event {
+            // A persister's batch for one room: each message in order, as if published alone.
+            for message in &batch.messages {
+                self.deliver(&RoomEvent::Message(message.clone()));
+            }
+            return;
+        }
         let Some(io) = self.io.get() else { return };
         if let RoomEvent::Message(m) = event
             && !self
@@ -143,6 +150,7 @@ impl Fanout {
             RoomEvent::MemberRemoved(removed) => return self.remove_member(io, removed),
             RoomEvent::Message(_) => None,
             RoomEvent::Typing(t) => Some(t),
+            RoomEvent::Messages(_) => return,
         };
         let Some(ns) = io.of(NAMESPACE) else { return };
         let room = room_key(&event.room_id());
@@ -161,7 +169,7 @@ impl Fanout {
         let payload = match event {
             RoomEvent::Message(m) => serde_json::value::to_raw_value(m),
             RoomEvent::Typing(t) => serde_json::value::to_raw_value(t),
-            RoomEvent::MemberRemoved(_) => return,
+            RoomEvent::MemberRemoved(_) | RoomEvent::Messages(_) => return,
         };
         let payload = match payload {
             Ok(payload) => payload,

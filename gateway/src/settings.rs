@@ -1,6 +1,7 @@
 //! Gateway settings: every one a flag and an environment variable.
 
 use clap::Parser;
+use shared::backplane::IngestSettings;
 use shared::config::{MongoSettings, RedisSettings, Secret, TelemetrySettings};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -108,6 +109,8 @@ pub struct Settings {
     pub dedupe_window: usize,
     #[command(flatten)]
     pub redis: RedisSettings,
+    #[command(flatten)]
+    pub ingest: IngestSettings,
     #[command(flatten)]
     pub mongo: MongoSettings,
     #[command(flatten)]

@@ -41,6 +41,14 @@ pub fn describe() {
         "chat_gateway_backplane_lagged_total",
         "Room events dropped because the fan-out fell behind Redis pub/sub."
     );
+    describe_counter!(
+        "chat_gateway_resubscribes_total",
+        "Times the Redis subscriber connection came back and every room channel was subscribed again."
+    );
+    describe_counter!(
+        "chat_gateway_ingest_full_total",
+        "Sends refused because their ingest partition held INGEST_MAX_BACKLOG entries."
+    );
     describe_histogram!(
         "chat_gateway_ingest_append_seconds",
         Unit::Seconds,

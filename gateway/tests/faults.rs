@@ -55,8 +55,17 @@ async fn expect_in_order(client: &SioClient, ids: &[Value]) {
     }
 }
 
+/// The instance name holding the lease of `room`'s ingest partition (`p1/<id> <token>`).
+async fn partition_holder(app: &TestApp, room: &str) -> Option<String> {
+    let keys = shared::backplane::Keys::new(&app.prefix, 16);
+    let lease = keys.ingest_lease(keys.partition_of(&room.parse().unwrap()));
+    let holder = app.redis.cli(&["GET", &lease]).await;
+    let name = holder.trim().split('/').next()?.to_owned();
+    (!name.is_empty()).then_some(name)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_persister_is_replaced_by_its_standby_and_nothing_is_lost() {
+async fn killed_persister_loses_its_partitions_to_the_other_and_nothing_is_lost() {
     let app = TestApp::spawn(2).await;
     app.persister_stop.cancel();
     let (mut p1, admin1) = app.persister_process("p1", &[]).await;
@@ -67,16 +76,15 @@ async fn killed_persister_is_replaced_by_its_standby_and_nothing_is_lost() {
     let mut a = app.member(0, &ann, &[]).await;
     let b = app.member(1, &bob, &[&room]).await;
 
-    let deadline = Instant::now() + TIMEOUT;
-    let leader_admin = 'found: loop {
-        for admin in [admin1, admin2] {
-            if metric(admin, "chat_persister_leader").await == Some(1.0) {
-                break 'found admin;
-            }
-        }
-        assert!(Instant::now() < deadline, "no persister leads");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    // Both work: the 16 partitions are shared out 8 and 8.
+    eventually("the partitions are shared out evenly", TIMEOUT, || async {
+        metric(admin1, "chat_persister_partitions_owned").await == Some(8.0)
+            && metric(admin2, "chat_persister_partitions_owned").await == Some(8.0)
+    })
+    .await;
+    let owner = partition_holder(&app, &room)
+        .await
+        .expect("the room's partition is held");
 
     let acks: Vec<_> = (0..300)
         .map(|i| {
@@ -89,19 +97,16 @@ async fn killed_persister_is_replaced_by_its_standby_and_nothing_is_lost() {
     let mut ids = Vec::new();
     for (i, ack) in acks.into_iter().enumerate() {
         if i == 50 {
-            // In the middle of the stream, the leader dies without a chance to clean up.
-            if leader_admin == admin1 {
-                p1.kill()
-            } else {
-                p2.kill()
-            }
+            // In the middle of the stream, the room's persister dies without a chance to
+            // clean up.
+            if owner == "p1" { p1.kill() } else { p2.kill() }
         }
         let ack = tokio::time::timeout(TIMEOUT, ack).await.unwrap().unwrap();
         assert_eq!(ack["ok"], json!(true), "{ack}");
         ids.push(ack["id"].clone());
     }
-    // The standby takes over, claims what the dead leader had read, and delivers the rest:
-    // every message once, in the acknowledged order.
+    // The other takes the partition over, reads what the dead one had read and not
+    // acknowledged, and delivers the rest: every message once, in the acknowledged order.
     expect_in_order(&b, &ids).await;
     let stored: Vec<Value> = history(&app, &bob, &room)
         .await
@@ -117,12 +122,11 @@ async fn killed_persister_is_replaced_by_its_standby_and_nothing_is_lost() {
         b.pending("message").is_empty(),
         "a message was delivered twice"
     );
-    let survivor = if leader_admin == admin1 {
-        admin2
-    } else {
-        admin1
-    };
-    assert_eq!(metric(survivor, "chat_persister_leader").await, Some(1.0));
+    let survivor = if owner == "p1" { admin2 } else { admin1 };
+    eventually("the survivor holds every partition", TIMEOUT, || async {
+        metric(survivor, "chat_persister_partitions_owned").await == Some(16.0)
+    })
+    .await;
     drop((p1, p2));
 }
 

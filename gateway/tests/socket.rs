@@ -420,7 +420,7 @@ async fn bad_input_gets_an_error_and_the_socket_stays_usable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_fails_with_unavailable_while_redis_is_down() {
     let mut app = TestApp::spawn(1).await;
-    if app.skip_when_embedded("no Redis") {
+    if app.skip_when_embedded("no Redis") || app.skip_when_cluster("kills the single Redis") {
         return;
     }
     let (ann, _) = app.user("ann").await;
@@ -869,13 +869,17 @@ async fn only_gateways_with_local_members_subscribe_to_a_room() {
     let (ann, _) = app.user("ann").await;
     let (bob, bob_id) = app.user("bob").await;
     let room = app.room(&ann, &[&bob_id]).await;
-    let channel = format!("{}:room:{{{room}}}", app.prefix);
-    app.redis.wait_numsub(&channel, 0).await;
+    // The room's sharded channel, in the hash slot of its ingest partition.
+    let keys = shared::backplane::Keys::new(&app.prefix, 16);
+    let partition = keys.partition_of(&room.parse().unwrap());
+    let channel = format!("{{{}:ingest:{partition}}}:room:{room}", app.prefix);
+    assert_eq!(channel, keys.room_channel(&room.parse().unwrap()));
+    app.wait_shard_numsub(&channel, 0).await;
     // Members on gateway 0 only: only gateway 0 subscribes, so Redis sends this room's
     // traffic to gateway 0 and none to gateway 1.
     let mut a = app.member(0, &ann, &[&room]).await;
     let b = app.member(0, &bob, &[&room]).await;
-    app.redis.wait_numsub(&channel, 1).await;
+    app.wait_shard_numsub(&channel, 1).await;
     let ack = a
         .request("send_message", json!({ "roomId": room, "content": "hi" }))
         .await;
@@ -883,8 +887,8 @@ async fn only_gateways_with_local_members_subscribe_to_a_room() {
     assert_eq!(b.next("message").await["content"], json!("hi"));
     // A member on gateway 1 makes it subscribe too; the last one leaving unsubscribes.
     let mut c = app.member(1, &bob, &[&room]).await;
-    app.redis.wait_numsub(&channel, 2).await;
+    app.wait_shard_numsub(&channel, 2).await;
     let left = c.request("leave_room", json!({ "roomId": room })).await;
     assert_eq!(left, json!({ "ok": true }));
-    app.redis.wait_numsub(&channel, 1).await;
+    app.wait_shard_numsub(&channel, 1).await;
 }

@@ -1,27 +1,38 @@
-//! The persister: reads the ingest stream as a member of the `persisters` consumer group,
-//! stores messages in MongoDB in batches, publishes each stored message on its room's
-//! channel, then acknowledges the stream entries.
+//! The persister: stores the messages of the ingest partitions in MongoDB, publishes each
+//! stored batch on its rooms' channels, then acknowledges it.
+//!
+//! Every persister works at once. The partitions are shared out by lease: each live
+//! persister takes its fair share (with 3 persisters and 16 partitions, 5 or 6 each), one
+//! that dies loses its partitions to the others within `LEASE_MS`, and one that starts takes
+//! its share from the others without restarting anyone. Each owned partition has its own
+//! worker, which reads the next batch while the current one is stored.
 //!
 //! Guarantee: at least once, made exactly-once in effect by the store's idempotent insert
-//! (a redelivered message id is already stored and counts as success). An entry is
-//! acknowledged only after it was stored and published; while MongoDB or Redis fails, the
-//! batch is retried with capped backoff and nothing new is read.
+//! (a redelivered message id is already stored and counts as success). A batch is published
+//! and acknowledged in one step that checks the lease in Redis, so a persister that lost a
+//! partition (paused, cut off) can never publish or acknowledge for it: per-room order
+//! holds. While MongoDB or Redis fails, the batch is retried with capped backoff and nothing
+//! new is read from that partition.
 
 use anyhow::Context;
 use clap::Parser;
-use shared::backplane::{Backplane, Ingest, IngestEntry, RedisBackplane, RedisIngest, stream_seq};
+use shared::backplane::{
+    BackplaneError, Ingest, IngestEntry, IngestSettings, Lease, ReadPosition, RedisIngest,
+    group_by_room, stream_seq,
+};
 use shared::config::{MongoSettings, RedisSettings, TelemetrySettings};
 use shared::store::{MongoStore, SequencedMessage, Store};
-use shared::wire::RoomEvent;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Stores chat messages from the ingest stream in MongoDB.
+/// Stores chat messages from the ingest partitions in MongoDB.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "persister", version, about)]
 pub struct Settings {
@@ -35,23 +46,25 @@ pub struct Settings {
     /// answers (the container image's HEALTHCHECK).
     #[arg(long)]
     pub healthcheck: bool,
-    /// Name of this consumer in the group. Keep it stable across restarts of one replica
-    /// (the pod name) so that a restarted replica takes up the entries it had read.
+    /// Name of this persister in logs and in its instance id (the pod name; default
+    /// `$HOSTNAME`, else `persister`). Each process adds a random suffix, so two processes
+    /// never share an identity even with the same name.
     #[arg(long, env = "PERSISTER_NAME", default_value_t = default_name())]
     pub name: String,
     /// Most messages stored in one `insert_many`.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 500)]
     pub batch_size: usize,
-    /// How long one read waits for new messages, in milliseconds.
+    /// How long one read waits for new messages, in milliseconds (at most LEASE_MS / 4).
     #[arg(long, env = "READ_BLOCK_MS", default_value_t = 1000)]
     pub read_block_ms: u64,
-    /// Leadership lease, in milliseconds. One persister (the leader) processes the stream
-    /// at a time, which keeps messages in order; a standby takes over this long after the
-    /// leader stopped renewing (at once when it shut down cleanly).
+    /// Partition lease, in milliseconds: a persister that stops renewing (crash, pause,
+    /// network cut) loses its partitions to the others within this time.
     #[arg(long, env = "LEASE_MS", default_value_t = 10_000)]
     pub lease_ms: u64,
     #[command(flatten)]
     pub redis: RedisSettings,
+    #[command(flatten)]
+    pub ingest: IngestSettings,
     #[command(flatten)]
     pub mongo: MongoSettings,
     #[command(flatten)]
@@ -59,17 +72,15 @@ pub struct Settings {
 }
 
 fn default_name() -> String {
-    std::env::var("HOSTNAME").unwrap_or_else(|_| "persister-1".to_owned())
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "persister".to_owned())
 }
 
 /// A persister, connected and bound to its admin port, not yet running.
 pub struct Application {
     settings: Settings,
     ingest: Arc<RedisIngest>,
-    backplane: Arc<RedisBackplane>,
     store: Arc<MongoStore>,
     admin: TcpListener,
-    healthy: Arc<AtomicBool>,
     shutdown: CancellationToken,
 }
 
@@ -87,15 +98,10 @@ impl Application {
                     )
                 })?,
         );
-        let backplane = Arc::new(
-            RedisBackplane::connect(&settings.redis)
-                .await
-                .context("connecting to Redis (REDIS_URL)")?,
-        );
         let ingest = Arc::new(
-            RedisIngest::connect(&settings.redis, &settings.name)
+            RedisIngest::connect(&settings.redis, &settings.ingest, &settings.name)
                 .await
-                .context("joining the ingest consumer group")?,
+                .context("connecting to the ingest partitions in Redis (REDIS_URL)")?,
         );
         let admin =
             shared::admin::listen(SocketAddr::new(settings.host, settings.metrics_port), 1024)
@@ -103,10 +109,8 @@ impl Application {
         Ok(Self {
             settings,
             ingest,
-            backplane,
             store,
             admin,
-            healthy: Arc::new(AtomicBool::new(true)),
             shutdown: CancellationToken::new(),
         })
     }
@@ -118,24 +122,41 @@ impl Application {
             .unwrap_or_default()
     }
 
+    /// This process's instance id (its name plus a random suffix).
+    pub fn instance(&self) -> &str {
+        self.ingest.instance()
+    }
+
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
-    /// Runs until the shutdown token is cancelled. The batch in hand is finished first.
+    /// Runs until the shutdown token is cancelled. The batches in hand are finished first.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let lease = Duration::from_millis(self.settings.lease_ms.max(100));
+        let persister = Persister::new(
+            self.ingest.clone(),
+            self.store.clone(),
+            Tuning {
+                batch_size: self.settings.batch_size.max(1),
+                lease,
+                // Reads return in time for shutdown and rebalancing to be prompt.
+                block: Duration::from_millis(self.settings.read_block_ms.max(1)).min(lease / 4),
+            },
+            self.shutdown.clone(),
+        );
         let ready = {
-            let (store, ingest, healthy) = (
+            let (store, ingest, failing) = (
                 self.store.clone(),
                 self.ingest.clone(),
-                self.healthy.clone(),
+                persister.failing.clone(),
             );
             shared::admin::router(Arc::new(move || {
-                let (store, ingest, healthy) = (store.clone(), ingest.clone(), healthy.clone());
+                let (store, ingest, failing) = (store.clone(), ingest.clone(), failing.clone());
                 Box::pin(async move {
                     ingest.ping().await.map_err(|e| format!("redis: {e}"))?;
                     store.ping().await.map_err(|e| format!("mongodb: {e}"))?;
-                    if !healthy.load(Ordering::Relaxed) {
+                    if failing.load(Ordering::Relaxed) > 0 {
                         return Err("retrying a failed batch".to_owned());
                     }
                     Ok(())
@@ -146,21 +167,8 @@ impl Application {
             .with_graceful_shutdown(self.shutdown.clone().cancelled_owned());
         let admin = tokio::spawn(async move { admin.await });
         let sampler = tokio::spawn(sample_backlog(self.ingest.clone() as Arc<dyn Ingest>));
-        tracing::info!(consumer = %self.settings.name, "persister running");
-
-        let lease = Duration::from_millis(self.settings.lease_ms.max(100));
-        let worker = Worker {
-            ingest: self.ingest.as_ref(),
-            backplane: self.backplane.as_ref(),
-            store: self.store.as_ref(),
-            healthy: &self.healthy,
-            shutdown: &self.shutdown,
-            batch_size: self.settings.batch_size.max(1),
-            lease,
-            // Reads return in time for the lease to be renewed.
-            block: Duration::from_millis(self.settings.read_block_ms).min(lease / 4),
-        };
-        worker.run().await;
+        tracing::info!(instance = %self.ingest.instance(), partitions = self.settings.ingest.partitions, "persister running");
+        persister.run().await;
         sampler.abort();
         admin.abort();
         tracing::info!("persister stopped");
@@ -172,8 +180,20 @@ impl Application {
 pub fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
-        "chat_persister_leader",
-        "1 while this persister holds the ingest lease (processes the stream), else 0."
+        "chat_persister_partitions_owned",
+        "Ingest partitions this persister holds the lease of."
+    );
+    describe_gauge!(
+        "chat_persister_partitions_unowned",
+        "Ingest partitions no persister holds, as this persister last saw them (alert when above 0 for long)."
+    );
+    describe_counter!(
+        "chat_persister_partition_takeovers_total",
+        "Partition leases this persister took (at start, from one that stopped, or to even the load)."
+    );
+    describe_counter!(
+        "chat_persister_partition_losses_total",
+        "Partition leases this persister lost without giving them up (expired or taken while it was cut off or paused)."
     );
     describe_counter!(
         "chat_persister_messages_total",
@@ -192,128 +212,376 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         "chat_persister_errors_total",
-        "Failed steps (read, insert, publish, ack) that are being retried, by step."
+        "Failed steps (read, insert, complete) that are being retried, by step."
     );
     describe_counter!(
         "chat_persister_invalid_entries_total",
         "Undecodable ingest entries, logged and acknowledged."
     );
     describe_gauge!(
-        "chat_persister_pending_entries",
-        "Ingest entries read by a persister and not yet acknowledged."
-    );
-    describe_gauge!(
-        "chat_persister_stream_lag",
-        "Ingest entries not yet read by any persister."
+        "chat_persister_backlog_entries",
+        "Entries of an ingest partition not yet stored and acknowledged, by partition (every persister reports every partition: take the max)."
     );
 }
 
-/// How often the stream backlog is sampled into gauges.
+/// How often the partitions' backlog is sampled into gauges.
 const BACKLOG_SAMPLE: Duration = Duration::from_secs(5);
 
-/// Keeps `chat_persister_pending_entries` and `chat_persister_stream_lag` current: the
-/// numbers to alert on when persisting falls behind (every replica reports the same
-/// stream, so take the max, not the sum).
+/// Keeps `chat_persister_backlog_entries` current: the number to alert on when persisting
+/// falls behind.
 pub async fn sample_backlog(ingest: Arc<dyn Ingest>) {
     loop {
-        match ingest.backlog().await {
-            Ok(backlog) => {
-                metrics::gauge!("chat_persister_pending_entries").set(backlog.pending as f64);
-                if let Some(lag) = backlog.lag {
-                    metrics::gauge!("chat_persister_stream_lag").set(lag as f64);
+        for partition in 0..ingest.partitions() {
+            match ingest.backlog(partition).await {
+                Ok(entries) => {
+                    metrics::gauge!("chat_persister_backlog_entries", "partition" => partition.to_string())
+                        .set(entries as f64);
                 }
+                Err(error) => tracing::debug!(%error, partition, "cannot sample the backlog"),
             }
-            Err(error) => tracing::debug!(%error, "cannot sample the ingest backlog"),
         }
         tokio::time::sleep(BACKLOG_SAMPLE).await;
     }
 }
 
-/// Runs the persister loop over any ingest, backplane and store until `shutdown` is
-/// cancelled (the batch in hand is finished first). The gateway's embedded mode runs it in
-/// its own process, with the in-process backplane and the SQLite store.
+/// Runs the persister over any ingest and store until `shutdown` is cancelled (the batches
+/// in hand are finished first). The gateway's embedded mode runs it in its own process, with
+/// the in-process ingest and the SQLite store.
 pub async fn run_worker(
-    ingest: &dyn Ingest,
-    backplane: &dyn Backplane,
-    store: &dyn Store,
+    ingest: Arc<dyn Ingest>,
+    store: Arc<dyn Store>,
     batch_size: usize,
-    shutdown: &CancellationToken,
+    shutdown: CancellationToken,
 ) {
-    let healthy = AtomicBool::new(true);
-    Worker {
-        ingest,
-        backplane,
-        store,
-        healthy: &healthy,
-        shutdown,
+    let tuning = Tuning {
         batch_size: batch_size.max(1),
         lease: Duration::from_secs(10),
         block: Duration::from_millis(500),
-    }
-    .run()
-    .await;
+    };
+    Persister::new(ingest, store, tuning, shutdown).run().await;
 }
 
-struct Worker<'a> {
-    ingest: &'a dyn Ingest,
-    backplane: &'a dyn Backplane,
-    store: &'a dyn Store,
-    healthy: &'a AtomicBool,
-    shutdown: &'a CancellationToken,
-    batch_size: usize,
-    lease: Duration,
-    block: Duration,
+/// How the persister paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub batch_size: usize,
+    /// `LEASE_MS`. Leases are renewed every quarter of it and last three quarters of it,
+    /// so a stopped persister's partitions are free, and taken, within it.
+    pub lease: Duration,
+    /// Longest wait of one read for new entries.
+    pub block: Duration,
+}
+
+impl Tuning {
+    fn tick(&self) -> Duration {
+        self.lease / 4
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.lease * 3 / 4
+    }
+}
+
+/// The persister's loop: keeps its fair share of the partition leases and one worker per
+/// partition held.
+pub struct Persister {
+    ctx: Arc<Shared>,
+    /// Workers retrying a failed step; the persister is not ready while any is.
+    pub failing: Arc<AtomicUsize>,
+}
+
+struct Shared {
+    ingest: Arc<dyn Ingest>,
+    store: Arc<dyn Store>,
+    tuning: Tuning,
+    shutdown: CancellationToken,
+    failing: Arc<AtomicUsize>,
+}
+
+/// A partition this persister holds, and its worker.
+struct Held {
+    lease: Lease,
+    stop: CancellationToken,
+    worker: JoinHandle<()>,
+}
+
+impl Persister {
+    pub fn new(
+        ingest: Arc<dyn Ingest>,
+        store: Arc<dyn Store>,
+        tuning: Tuning,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let failing = Arc::new(AtomicUsize::new(0));
+        Self {
+            ctx: Arc::new(Shared {
+                ingest,
+                store,
+                tuning,
+                shutdown,
+                failing: failing.clone(),
+            }),
+            failing,
+        }
+    }
+
+    pub async fn run(self) {
+        let ctx = &self.ctx;
+        let mut held: BTreeMap<u16, Held> = BTreeMap::new();
+        let mut releasing: Vec<JoinHandle<()>> = Vec::new();
+        loop {
+            self.balance(&mut held, &mut releasing).await;
+            metrics::gauge!("chat_persister_partitions_owned").set(held.len() as f64);
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                _ = tokio::time::sleep(ctx.tuning.tick()) => {}
+            }
+        }
+        // Finish the batches in hand, then let the others take over at once.
+        for (_, h) in std::mem::take(&mut held) {
+            releasing.push(release(ctx.clone(), h));
+        }
+        for task in releasing {
+            let _ = task.await;
+        }
+        metrics::gauge!("chat_persister_partitions_owned").set(0.0);
+        if let Err(error) = ctx.ingest.leave().await {
+            tracing::warn!(%error, "could not leave the persister set; the others notice when its entry expires");
+        }
+    }
+
+    /// One round: say we are alive, renew what we hold, then take or give up partitions
+    /// until we hold our fair share.
+    async fn balance(&self, held: &mut BTreeMap<u16, Held>, releasing: &mut Vec<JoinHandle<()>>) {
+        let ctx = &self.ctx;
+        let ingest = ctx.ingest.as_ref();
+        releasing.retain(|task| !task.is_finished());
+        // A worker that ended on its own was fenced: the lease is gone.
+        held.retain(|partition, h| {
+            let running = !h.worker.is_finished();
+            if !running {
+                tracing::warn!(partition, "partition lost: its worker was fenced");
+            }
+            running
+        });
+        let live = match ingest.heartbeat(ctx.tuning.lease_ttl()).await {
+            Ok(live) => Some(live),
+            Err(error) => {
+                tracing::warn!(%error, "cannot reach Redis to say this persister is alive");
+                None
+            }
+        };
+        let mut lost = Vec::new();
+        for (partition, h) in held.iter() {
+            match ingest.renew(&h.lease, ctx.tuning.lease_ttl()).await {
+                Ok(true) => {}
+                Ok(false) => lost.push(*partition),
+                Err(error) => tracing::warn!(%error, partition, "cannot renew a partition lease"),
+            }
+        }
+        for partition in lost {
+            if let Some(h) = held.remove(&partition) {
+                metrics::counter!("chat_persister_partition_losses_total").increment(1);
+                tracing::warn!(
+                    partition,
+                    "partition lease lost; another persister takes it"
+                );
+                h.stop.cancel();
+            }
+        }
+        let owners = match ingest.owners().await {
+            Ok(owners) => owners,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the partition owners");
+                return;
+            }
+        };
+        metrics::gauge!("chat_persister_partitions_unowned")
+            .set(owners.iter().filter(|o| o.is_none()).count() as f64);
+        let Some(target) =
+            live.and_then(|live| fair_share(ingest.partitions(), &live, ingest.instance()))
+        else {
+            return;
+        };
+        // Over our share (a persister joined): give up the highest partitions.
+        while held.len() > target {
+            let Some((_, h)) = held.pop_last() else { break };
+            tracing::info!(
+                partition = h.lease.partition,
+                target,
+                "giving a partition up to even the load"
+            );
+            releasing.push(release(ctx.clone(), h));
+        }
+        // Under it (one left, or we just started): take free ones, starting at a place of our
+        // own so that persisters starting together do not all race for partition 0.
+        let n = ingest.partitions();
+        let start = free_start(ingest.instance(), n);
+        for i in 0..n {
+            if held.len() >= target {
+                break;
+            }
+            let partition = (start + i) % n;
+            if owners.get(partition as usize).is_none_or(|o| o.is_some()) {
+                continue;
+            }
+            match ingest.acquire(partition, ctx.tuning.lease_ttl()).await {
+                Ok(Some(lease)) => {
+                    metrics::counter!("chat_persister_partition_takeovers_total").increment(1);
+                    tracing::info!(partition, token = lease.token, "partition taken");
+                    let stop = CancellationToken::new();
+                    let worker = tokio::spawn(work(ctx.clone(), lease.clone(), stop.clone()));
+                    held.insert(
+                        partition,
+                        Held {
+                            lease,
+                            stop,
+                            worker,
+                        },
+                    );
+                }
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, partition, "cannot take a partition lease"),
+            }
+        }
+    }
+}
+
+/// Where an instance starts looking for free partitions: spread by its id.
+fn free_start(instance: &str, partitions: u16) -> u16 {
+    let hash = instance
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    (hash % u32::from(partitions.max(1))) as u16
+}
+
+/// How many partitions `me` should hold: the live persisters, in their sorted order, take
+/// `partitions / n` each and the first `partitions % n` one more, so the shares add up to
+/// exactly the partition count. `None` when `me` is not among them (its heartbeat failed).
+pub fn fair_share(partitions: u16, live: &[String], me: &str) -> Option<usize> {
+    // The rank among the others, whatever order the list came in.
+    if !live.iter().any(|l| l == me) {
+        return None;
+    }
+    let index = live.iter().filter(|l| l.as_str() < me).count();
+    let (n, p) = (live.len(), usize::from(partitions));
+    Some(p / n + usize::from(index < p % n))
+}
+
+/// Stops a partition's worker (its batch in hand is finished first), then gives the lease up.
+fn release(ctx: Arc<Shared>, held: Held) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        held.stop.cancel();
+        let _ = held.worker.await;
+        if let Err(error) = ctx.ingest.release(&held.lease).await {
+            tracing::warn!(%error, partition = held.lease.partition, "could not release a partition; it is free when the lease expires");
+        }
+    })
+}
+
+/// What a step came to.
+enum Step<T> {
+    Done(T),
+    /// The lease is no longer ours: stop working on the partition.
+    Fenced,
+    /// Shutdown (or the partition's release) while the step kept failing.
+    Stopped,
 }
 
 /// Backoff between retries of a failed step: 100 ms doubling to at most 5 s.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-impl Worker<'_> {
-    async fn run(&self) {
-        while !self.shutdown.is_cancelled() {
-            if !self.lead().await {
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(self.lease / 4) => continue,
+/// Works on one partition until `stop` (or shutdown), or until the lease is lost. Reads
+/// the next batch while the current one is stored and published; batches are completed in
+/// read order.
+async fn work(ctx: Arc<Shared>, lease: Lease, stop: CancellationToken) {
+    let partition = lease.partition;
+    let mut position = ReadPosition::start();
+    let mut current = match ctx.read(&lease, &mut position, &stop).await {
+        Step::Done(entries) => entries,
+        Step::Fenced => return fenced(partition),
+        Step::Stopped => return,
+    };
+    loop {
+        if current.is_empty() {
+            if stop.is_cancelled() || ctx.shutdown.is_cancelled() {
+                return;
+            }
+            current = match ctx.read(&lease, &mut position, &stop).await {
+                Step::Done(entries) => entries,
+                Step::Fenced => return fenced(partition),
+                Step::Stopped => return,
+            };
+            continue;
+        }
+        let next = async {
+            if stop.is_cancelled() || ctx.shutdown.is_cancelled() {
+                return Step::Done(Vec::new());
+            }
+            ctx.read(&lease, &mut position, &stop).await
+        };
+        let (finished, next) = tokio::join!(ctx.finish(&lease, &stop, current), next);
+        match finished {
+            Step::Done(()) => {}
+            Step::Fenced => return fenced(partition),
+            // Left pending: the next holder reads it again.
+            Step::Stopped => return,
+        }
+        current = match next {
+            Step::Done(entries) => entries,
+            Step::Fenced => return fenced(partition),
+            Step::Stopped => Vec::new(),
+        };
+    }
+}
+
+fn fenced(partition: u16) {
+    metrics::counter!("chat_persister_partition_losses_total").increment(1);
+    tracing::warn!(
+        partition,
+        "partition lease lost: another persister holds it now; this one stops working on it"
+    );
+}
+
+impl Shared {
+    /// Reads the next batch, retrying failures (with the position moved back to re-read
+    /// what a lost reply may have handed over).
+    async fn read(
+        &self,
+        lease: &Lease,
+        position: &mut ReadPosition,
+        stop: &CancellationToken,
+    ) -> Step<Vec<IngestEntry>> {
+        let mut failures = Failures::new(self);
+        loop {
+            let read = tokio::select! {
+                // A read cut short may have handed entries over: they stay pending, for the
+                // next holder (or this one) to read again.
+                _ = stop.cancelled() => return Step::Stopped,
+                _ = self.shutdown.cancelled() => return Step::Stopped,
+                read = self.ingest.read(lease, position, self.tuning.batch_size, self.tuning.block) => read,
+            };
+            match read {
+                Ok(entries) => return Step::Done(entries),
+                Err(BackplaneError::Fenced(_)) => return Step::Fenced,
+                Err(error) => {
+                    position.after_failure();
+                    if !failures.wait("read", lease.partition, &error, stop).await {
+                        return Step::Stopped;
+                    }
                 }
             }
-            let entries = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                read = self.retry("read", || self.ingest.read(self.batch_size, self.block)) => match read {
-                    Some(entries) => entries,
-                    None => break,
-                },
-            };
-            if entries.is_empty() {
-                continue;
-            }
-            // Once read, a batch is finished even during shutdown: it is stored, published and
-            // acknowledged, or left pending for the next start if a step keeps failing.
-            if !self.process(entries).await {
-                break;
-            }
-        }
-        if let Err(error) = self.ingest.resign().await {
-            tracing::warn!(%error, "could not resign the ingest leadership; a standby takes over when the lease expires");
         }
     }
 
-    /// Takes or renews the leadership; `false` when another persister leads (or Redis fails).
-    async fn lead(&self) -> bool {
-        let leading = match self.ingest.lead(self.lease).await {
-            Ok(leading) => leading,
-            Err(error) => {
-                tracing::warn!(%error, "cannot reach Redis to renew the ingest leadership");
-                false
-            }
-        };
-        metrics::gauge!("chat_persister_leader").set(if leading { 1.0 } else { 0.0 });
-        leading
-    }
-
-    /// Stores, publishes and acknowledges one batch. `false` if shutdown interrupted it.
-    async fn process(&self, entries: Vec<IngestEntry>) -> bool {
+    /// Stores, publishes and acknowledges one batch.
+    async fn finish(
+        &self,
+        lease: &Lease,
+        stop: &CancellationToken,
+        entries: Vec<IngestEntry>,
+    ) -> Step<()> {
         let started = Instant::now();
         let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
         let mut messages: Vec<SequencedMessage> = Vec::with_capacity(entries.len());
@@ -336,89 +604,140 @@ impl Worker<'_> {
         metrics::histogram!("chat_persister_batch_size").record(messages.len() as f64);
 
         let insert_started = Instant::now();
-        if self
-            .retry("insert", || self.store.insert_messages(&messages))
+        match self
+            .retry("insert", lease.partition, stop, || {
+                self.store.insert_messages(&messages)
+            })
             .await
-            .is_none()
         {
-            return false;
+            Step::Done(()) => {}
+            Step::Fenced => return Step::Fenced,
+            Step::Stopped => return Step::Stopped,
         }
         metrics::histogram!("chat_persister_insert_seconds")
             .record(insert_started.elapsed().as_secs_f64());
 
-        // A leader that lost its lease while blocked (say, on MongoDB) leaves the batch to the
-        // new leader, which has claimed it: publishing now could reorder messages.
-        if !self.lead().await {
-            tracing::warn!("lost the ingest leadership; leaving the batch to the new leader");
-            return true;
+        let stored: Vec<_> = messages.into_iter().map(|m| m.message).collect();
+        let events = group_by_room(&stored);
+        let completed = self
+            .retry("complete", lease.partition, stop, || async {
+                match self.ingest.complete(lease, &events, &ids).await {
+                    Err(BackplaneError::Fenced(_)) => Ok(Err(())),
+                    Err(e) => Err(e),
+                    Ok(()) => Ok(Ok(())),
+                }
+            })
+            .await;
+        match completed {
+            Step::Done(Ok(())) => {}
+            Step::Done(Err(())) | Step::Fenced => return Step::Fenced,
+            Step::Stopped => return Step::Stopped,
         }
-        let events: Vec<RoomEvent> = messages
-            .into_iter()
-            .map(|m| RoomEvent::Message(m.message))
-            .collect();
-        if self
-            .retry("publish", || self.backplane.publish(&events))
-            .await
-            .is_none()
-        {
-            return false;
-        }
-        if self.retry("ack", || self.ingest.ack(&ids)).await.is_none() {
-            return false;
-        }
-        metrics::counter!("chat_persister_messages_total").increment(events.len() as u64);
+        metrics::counter!("chat_persister_messages_total").increment(stored.len() as u64);
         metrics::histogram!("chat_persister_batch_seconds").record(started.elapsed().as_secs_f64());
-        tracing::debug!(count = events.len(), "batch persisted");
-        true
+        tracing::debug!(
+            partition = lease.partition,
+            count = stored.len(),
+            "batch persisted"
+        );
+        Step::Done(())
     }
 
-    /// Runs `step` until it succeeds, backing off between attempts. `None` on shutdown.
-    async fn retry<T, E, F, Fut>(&self, what: &'static str, step: F) -> Option<T>
+    /// Runs `step` until it succeeds, backing off between attempts. Gives up only at
+    /// shutdown or when the partition is being released, leaving the batch pending.
+    async fn retry<T, E, F, Fut>(
+        &self,
+        what: &'static str,
+        partition: u16,
+        stop: &CancellationToken,
+        step: F,
+    ) -> Step<T>
     where
-        E: std::fmt::Display,
+        E: std::fmt::Display + Sync,
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let mut backoff = BACKOFF_START;
+        let mut failures = Failures::new(self);
         loop {
             match step().await {
-                Ok(value) => {
-                    self.healthy.store(true, Ordering::Relaxed);
-                    return Some(value);
-                }
+                Ok(value) => return Step::Done(value),
                 Err(error) => {
-                    self.healthy.store(false, Ordering::Relaxed);
-                    metrics::counter!("chat_persister_errors_total", "step" => what).increment(1);
-                    tracing::warn!(step = what, %error, retry_in_ms = backoff.as_millis() as u64, "persister step failed");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !failures.wait(what, partition, &error, stop).await {
+                        return Step::Stopped;
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    // Still alive, only blocked: keep the lease so no standby takes over.
-                    let _ = self.ingest.lead(self.lease).await;
                 }
             }
         }
     }
 }
 
+/// Counts a worker among the failing ones (not ready) from its first failure until it
+/// succeeds or ends, and paces its retries.
+struct Failures<'a> {
+    ctx: &'a Shared,
+    backoff: Duration,
+    counted: bool,
+}
+
+impl<'a> Failures<'a> {
+    fn new(ctx: &'a Shared) -> Self {
+        Self {
+            ctx,
+            backoff: BACKOFF_START,
+            counted: false,
+        }
+    }
+
+    /// Logs and counts a failure and waits before the next attempt; `false` when the
+    /// worker should stop instead (shutdown, or its partition is being given up).
+    async fn wait(
+        &mut self,
+        what: &'static str,
+        partition: u16,
+        error: &(dyn std::fmt::Display + Sync),
+        stop: &CancellationToken,
+    ) -> bool {
+        if !self.counted {
+            self.counted = true;
+            self.ctx.failing.fetch_add(1, Ordering::Relaxed);
+        }
+        metrics::counter!("chat_persister_errors_total", "step" => what).increment(1);
+        tracing::warn!(step = what, partition, %error, retry_in_ms = self.backoff.as_millis() as u64, "persister step failed");
+        let go_on = tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => false,
+            _ = stop.cancelled() => false,
+            _ = tokio::time::sleep(self.backoff) => true,
+        };
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        go_on
+    }
+}
+
+impl Drop for Failures<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.ctx.failing.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    //! The worker against in-process fakes: what is acknowledged, and when.
+    //! The persister against the in-process ingest and a flaky store: what is published and
+    //! acknowledged, and when.
     use super::*;
     use async_trait::async_trait;
     use shared::ObjectId;
-    use shared::backplane::BackplaneError;
+    use shared::backplane::{Backplane, MemoryBackplane, RoomEventSink};
     use shared::store::{Room, StoreError, User, UserCredentials};
-    use shared::wire::{ChatMessage, Sender, now_millis};
+    use shared::wire::{ChatMessage, RoomEvent, Sender, now_millis};
     use std::sync::Mutex;
     use std::sync::atomic::AtomicUsize;
 
-    fn message(content: &str) -> ChatMessage {
+    fn message(room: ObjectId, content: &str) -> ChatMessage {
         ChatMessage {
             id: ObjectId::new(),
-            room_id: ObjectId::new(),
+            room_id: room,
             sender: Sender {
                 id: ObjectId::new(),
                 email: None,
@@ -426,71 +745,6 @@ mod tests {
             },
             content: content.into(),
             created_at: now_millis(),
-        }
-    }
-
-    #[derive(Default)]
-    struct FakeIngest {
-        batches: Mutex<Vec<Vec<IngestEntry>>>,
-        acked: Mutex<Vec<String>>,
-    }
-
-    #[async_trait]
-    impl Ingest for FakeIngest {
-        async fn lead(&self, _: Duration) -> Result<bool, BackplaneError> {
-            Ok(true)
-        }
-        async fn resign(&self) -> Result<(), BackplaneError> {
-            Ok(())
-        }
-        async fn read(&self, _: usize, _: Duration) -> Result<Vec<IngestEntry>, BackplaneError> {
-            Ok(self.batches.lock().unwrap().pop().unwrap_or_default())
-        }
-        async fn ack(&self, ids: &[String]) -> Result<(), BackplaneError> {
-            self.acked.lock().unwrap().extend_from_slice(ids);
-            Ok(())
-        }
-
-        async fn backlog(&self) -> Result<shared::backplane::Backlog, BackplaneError> {
-            Ok(shared::backplane::Backlog::default())
-        }
-    }
-
-    #[derive(Default)]
-    struct FakeBackplane {
-        published: Mutex<Vec<RoomEvent>>,
-    }
-
-    #[async_trait]
-    impl Backplane for FakeBackplane {
-        async fn append(
-            &self,
-            _: &ChatMessage,
-            _: Option<&str>,
-        ) -> Result<shared::backplane::Appended, BackplaneError> {
-            unreachable!("the persister never appends")
-        }
-        async fn publish(&self, events: &[RoomEvent]) -> Result<(), BackplaneError> {
-            self.published.lock().unwrap().extend_from_slice(events);
-            Ok(())
-        }
-        async fn subscribe(&self, _: ObjectId) -> Result<(), BackplaneError> {
-            Ok(())
-        }
-        async fn unsubscribe(&self, _: ObjectId) -> Result<(), BackplaneError> {
-            Ok(())
-        }
-        async fn ping(&self) -> Result<(), BackplaneError> {
-            Ok(())
-        }
-        async fn counter(&self, _: &str) -> Result<(u64, Duration), BackplaneError> {
-            unimplemented!()
-        }
-        async fn count(&self, _: &str, _: Duration) -> Result<(), BackplaneError> {
-            unimplemented!()
-        }
-        async fn reset_counter(&self, _: &str) -> Result<(), BackplaneError> {
-            unimplemented!()
         }
     }
 
@@ -566,105 +820,139 @@ mod tests {
         }
     }
 
-    /// A worker's surroundings, faked.
-    struct Fakes {
-        ingest: FakeIngest,
-        store: FlakyStore,
-        backplane: FakeBackplane,
-        healthy: AtomicBool,
-        shutdown: CancellationToken,
+    /// The in-process ingest with a room subscribed, recording what is published.
+    async fn ingest(room: ObjectId) -> (Arc<MemoryBackplane>, Arc<Mutex<Vec<ChatMessage>>>) {
+        let published = Arc::new(Mutex::new(Vec::new()));
+        let sink: RoomEventSink = {
+            let published = published.clone();
+            Arc::new(move |event| {
+                if let RoomEvent::Messages(batch) = event {
+                    published.lock().unwrap().extend(batch.messages);
+                }
+            })
+        };
+        let memory = Arc::new(MemoryBackplane::new(sink));
+        memory.subscribe(room).await.unwrap();
+        (memory, published)
     }
 
-    impl Fakes {
-        /// The store fails its first `failures` inserts.
-        fn new(ingest: FakeIngest, failures: usize) -> Self {
-            Self {
-                ingest,
-                store: FlakyStore {
-                    failures: AtomicUsize::new(failures),
-                    ..Default::default()
-                },
-                backplane: FakeBackplane::default(),
-                healthy: AtomicBool::new(true),
-                shutdown: CancellationToken::new(),
-            }
+    fn tuning() -> Tuning {
+        Tuning {
+            batch_size: 10,
+            lease: Duration::from_secs(10),
+            block: Duration::from_millis(10),
         }
+    }
 
-        fn worker(&self) -> Worker<'_> {
-            Worker {
-                ingest: &self.ingest,
-                backplane: &self.backplane,
-                store: &self.store,
-                healthy: &self.healthy,
-                shutdown: &self.shutdown,
-                batch_size: 10,
-                lease: Duration::from_secs(10),
-                block: Duration::from_millis(10),
-            }
-        }
+    #[test]
+    fn fair_shares_add_up_to_the_partitions() {
+        let live: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let shares: Vec<usize> = live
+            .iter()
+            .map(|me| fair_share(16, &live, me).unwrap())
+            .collect();
+        assert_eq!(shares, [6, 5, 5]);
+        assert_eq!(fair_share(16, &live, "d"), None);
+        assert_eq!(fair_share(2, &live, "c"), Some(0));
+        // The order of the list does not matter: the rank by name does.
+        let shuffled: Vec<String> = ["c", "a", "b"].map(String::from).to_vec();
+        assert_eq!(fair_share(16, &shuffled, "a"), Some(6));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_batch_is_acknowledged_only_after_it_was_stored_and_published() {
-        let (a, b) = (message("a"), message("b"));
-        let ingest = FakeIngest::default();
-        ingest.batches.lock().unwrap().push(vec![
-            IngestEntry {
-                id: "1-0".into(),
-                message: Ok(a.clone()),
-            },
-            IngestEntry {
-                id: "2-0".into(),
-                message: Err("garbage".into()),
-            },
-            IngestEntry {
-                id: "3-0".into(),
-                message: Ok(b.clone()),
-            },
-        ]);
-        let fakes = Fakes::new(ingest, 3);
-        let (ingest, store, backplane, healthy) = (
-            &fakes.ingest,
-            &fakes.store,
-            &fakes.backplane,
-            &fakes.healthy,
-        );
-        let worker = fakes.worker();
-        let entries = ingest.read(10, Duration::ZERO).await.unwrap();
+    async fn a_batch_is_published_and_acknowledged_only_after_it_was_stored() {
+        let room = ObjectId::new();
+        let (memory, published) = ingest(room).await;
+        let (a, b) = (message(room, "a"), message(room, "b"));
+        memory.append(&a, None).await.unwrap();
+        memory.append(&b, None).await.unwrap();
+        let store = Arc::new(FlakyStore {
+            failures: AtomicUsize::new(3),
+            ..Default::default()
+        });
+        let shutdown = CancellationToken::new();
+        let persister = Persister::new(memory.clone(), store.clone(), tuning(), shutdown.clone());
+        let failing = persister.failing.clone();
+        let run = tokio::spawn(persister.run());
         // Three failed inserts are retried (with backoff, on the paused clock) before success.
-        assert!(worker.process(entries).await);
+        while memory.queued() > 0 {
+            assert!(
+                published.lock().unwrap().is_empty() || store.stored.lock().unwrap().len() == 2
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert_eq!(*store.stored.lock().unwrap(), vec![a.clone(), b.clone()]);
-        assert_eq!(
-            *backplane.published.lock().unwrap(),
-            vec![RoomEvent::Message(a), RoomEvent::Message(b)]
-        );
-        // The undecodable entry is acknowledged too: retrying cannot fix it.
-        assert_eq!(*ingest.acked.lock().unwrap(), vec!["1-0", "2-0", "3-0"]);
-        assert!(healthy.load(Ordering::Relaxed));
+        assert_eq!(*published.lock().unwrap(), vec![a, b]);
+        assert_eq!(failing.load(Ordering::Relaxed), 0, "ready again");
+        shutdown.cancel();
+        run.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_while_the_store_is_down_leaves_the_batch_unacknowledged() {
-        let fakes = Fakes::new(FakeIngest::default(), usize::MAX);
-        let (ingest, backplane, healthy, shutdown) = (
-            &fakes.ingest,
-            &fakes.backplane,
-            &fakes.healthy,
-            &fakes.shutdown,
+        let room = ObjectId::new();
+        let (memory, published) = ingest(room).await;
+        memory.append(&message(room, "x"), None).await.unwrap();
+        let store = Arc::new(FlakyStore {
+            failures: AtomicUsize::new(usize::MAX),
+            ..Default::default()
+        });
+        let shutdown = CancellationToken::new();
+        let persister = Persister::new(memory.clone(), store, tuning(), shutdown.clone());
+        let failing = persister.failing.clone();
+        let run = tokio::spawn(persister.run());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(
+            failing.load(Ordering::Relaxed),
+            1,
+            "not ready while retrying"
         );
-        let worker = fakes.worker();
-        let entries = vec![IngestEntry {
-            id: "1-0".into(),
-            message: Ok(message("x")),
-        }];
-        let stopper = async {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            assert!(!healthy.load(Ordering::Relaxed), "not ready while retrying");
-            shutdown.cancel();
+        shutdown.cancel();
+        run.await.unwrap();
+        assert_eq!(memory.queued(), 1);
+        assert!(published.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_that_lost_its_lease_neither_publishes_nor_acknowledges() {
+        let room = ObjectId::new();
+        let (memory, published) = ingest(room).await;
+        memory.append(&message(room, "x"), None).await.unwrap();
+        // The store hangs on to the batch while the lease passes to another holder.
+        let store = Arc::new(FlakyStore {
+            failures: AtomicUsize::new(2),
+            ..Default::default()
+        });
+        let shutdown = CancellationToken::new();
+        let persister = Persister::new(memory.clone(), store.clone(), tuning(), shutdown.clone());
+        let run = tokio::spawn(persister.run());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let taken = memory.owners().await.unwrap();
+        assert_eq!(taken, vec![Some("embedded".to_owned())]);
+        // Another holder takes the partition behind the worker's back (as after a pause).
+        let stale = Lease {
+            partition: 0,
+            token: 1,
+            holder: "embedded 1".into(),
         };
-        let (finished, ()) = tokio::join!(worker.process(entries), stopper);
-        assert!(!finished);
-        assert!(ingest.acked.lock().unwrap().is_empty());
-        assert!(backplane.published.lock().unwrap().is_empty());
+        memory.release(&stale).await.unwrap();
+        let thief = memory
+            .acquire(0, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(store.stored.lock().unwrap().len(), 1, "stored (idempotent)");
+        assert!(published.lock().unwrap().is_empty(), "but never published");
+        assert_eq!(memory.queued(), 1, "nor acknowledged");
+        // The new holder reads it again.
+        let mut position = ReadPosition::start();
+        let again = memory
+            .read(&thief, &mut position, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(again.len(), 1);
+        shutdown.cancel();
+        run.await.unwrap();
     }
 }

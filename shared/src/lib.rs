@@ -4,30 +4,24 @@
 //!   envelopes carried over Redis.
 //! * [`domain`]: validated input types ([`domain::MessageContent`], ids), parsed once at the edge.
 //! * [`jwt`]: HS256 access tokens (`sub`, `email`, `displayName`, `iat`, `exp`).
-//! * [`backplane`]: the [`backplane::Backplane`] port and its Redis implementation.
+//! * [`backplane`]: the [`backplane::Backplane`] and [`backplane::Ingest`] ports, their Redis
+//!   implementations (single node or cluster) and the in-process one.
+//! * [`counters`]: the login-limit counters, a port of their own.
 //! * [`store`]: the [`store::Store`] port and its MongoDB implementation.
-//! * [`memory`], [`sqlite`]: the in-process backplane and the SQLite store of the
-//!   single-process (embedded) mode.
+//! * `sqlite` (feature `sqlite`): the SQLite store of the single-process (embedded) mode.
 //! * [`config`], [`telemetry`], [`admin`]: settings, logging and the admin HTTP server
 //!   (`/metrics`, `/healthz`, `/readyz`) used by both binaries.
 //!
 //! # Redis names
-//! Every key and channel starts with the configured prefix (`REDIS_PREFIX`, default `chat`):
-//!
-//! | name | type | purpose |
-//! |---|---|---|
-//! | `{chat}:ingest` | stream | messages accepted by a gateway, waiting to be persisted |
-//! | consumer group `persisters` on it | | shared by every persister replica |
-//! | `chat:room:{<roomId>}` | pub/sub channel | canonical `message` and `typing` events of one room |
-//!
-//! The room id is the hash tag of its channel so that rooms spread over a Redis Cluster.
+//! Every key and channel, with its hash tag and bound, is listed in [`backplane::keys`].
 
 pub mod admin;
 pub mod backplane;
 pub mod config;
+pub mod counters;
 pub mod domain;
 pub mod jwt;
-pub mod memory;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod store;
 pub mod telemetry;

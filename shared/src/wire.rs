@@ -49,12 +49,24 @@ pub struct UserTyping {
 pub enum RoomEvent {
     /// A persisted message, to be emitted as `message` to every local member.
     Message(ChatMessage),
+    /// Persisted messages of one room, in order: what a persister publishes per room and
+    /// batch (one `SPUBLISH` for the room, not one per message).
+    Messages(MessageBatch),
     /// A typing notice, emitted as `user_typing` to every local member but the typer.
     Typing(UserTyping),
     /// A participant was removed: every gateway makes that user's sockets leave the room
     /// and forgets that the user was allowed in it. Sent on the control channel, which
     /// every gateway hears, not on the room's.
     MemberRemoved(MemberRemoved),
+}
+
+/// Payload of [`RoomEvent::Messages`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageBatch {
+    #[serde(with = "oid_hex")]
+    pub room_id: ObjectId,
+    pub messages: Vec<ChatMessage>,
 }
 
 /// Payload of [`RoomEvent::MemberRemoved`].
@@ -71,6 +83,7 @@ impl RoomEvent {
     pub fn room_id(&self) -> ObjectId {
         match self {
             RoomEvent::Message(m) => m.room_id,
+            RoomEvent::Messages(b) => b.room_id,
             RoomEvent::Typing(t) => t.room_id,
             RoomEvent::MemberRemoved(r) => r.room_id,
         }

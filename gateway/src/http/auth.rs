@@ -143,7 +143,7 @@ fn client_ip(state: &HttpState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr
 
 /// Refuses with 429 while a failure counter is at its limit.
 async fn check_limit(state: &HttpState, key: &str, max: u64) -> Result<(), ChatError> {
-    let (failures, left) = state.chat.backplane.counter(key).await?;
+    let (failures, left) = state.login.counters.get(key).await?;
     if failures >= max {
         metrics::counter!("chat_gateway_login_rate_limited_total").increment(1);
         return Err(ChatError::RateLimited {
@@ -183,11 +183,11 @@ pub async fn login(
     };
     let Some(user) = ok else {
         let window = state.login.window;
-        state.chat.backplane.count(&email_key, window).await?;
-        state.chat.backplane.count(&ip_key, window).await?;
+        state.login.counters.increment(&email_key, window).await?;
+        state.login.counters.increment(&ip_key, window).await?;
         return Err(refused());
     };
-    state.chat.backplane.reset_counter(&email_key).await?;
+    state.login.counters.reset(&email_key).await?;
     session(&state, user)
 }
 

@@ -27,8 +27,10 @@ pub struct HttpState {
 }
 
 /// Brute-force protection of `/auth/login`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct LoginLimits {
+    /// Failure counters, shared by every gateway (Redis) or in this process (embedded).
+    pub counters: std::sync::Arc<dyn shared::counters::Counters>,
     pub max_failures_per_email: u64,
     pub max_failures_per_ip: u64,
     pub window: std::time::Duration,

@@ -4,6 +4,9 @@
 //! With `CHAT_TEST_MODE=embedded` the same tests run against the embedded mode instead: one
 //! gateway process-in-test with its in-process backplane and persister and a SQLite store in
 //! a temporary directory; "gateway N" is then that same gateway.
+//!
+//! With `CHAT_TEST_REDIS=cluster` they run against a Redis Cluster of 3 masters and 3
+//! replicas instead of one Redis, with 3 persisters (all started with the same name).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod procs;
@@ -13,7 +16,7 @@ pub mod sio;
 use clap::Parser;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use servers::{Mongo, Redis};
+use servers::{Mongo, Redis, RedisCluster};
 use sio::SioClient;
 use std::sync::atomic::{AtomicU32, Ordering};
 use tokio_util::sync::CancellationToken;
@@ -34,13 +37,21 @@ pub struct TestApp {
     pub embedded: bool,
     /// Data directories of embedded gateways.
     pub data_root: tempfile::TempDir,
+    /// The single Redis (also started in cluster mode, where nothing uses it).
     pub redis: Redis,
+    /// The Redis Cluster every service uses instead, with `CHAT_TEST_REDIS=cluster`.
+    pub cluster: Option<RedisCluster>,
     pub mongo: Mongo,
     pub prefix: String,
     pub db: String,
     pub gateways: Vec<Gateway>,
     pub persister_stop: CancellationToken,
     pub http: reqwest::Client,
+}
+
+/// Whether this run uses a Redis Cluster (`CHAT_TEST_REDIS=cluster`).
+pub fn cluster_mode() -> bool {
+    std::env::var("CHAT_TEST_REDIS").as_deref() == Ok("cluster")
 }
 
 fn unique(name: &str) -> String {
@@ -53,19 +64,33 @@ fn unique(name: &str) -> String {
 }
 
 impl TestApp {
+    /// Real servers, a persister (three on a cluster) and `gateways` gateways; a Redis
+    /// Cluster when `CHAT_TEST_REDIS=cluster`.
     pub async fn spawn(gateways: usize) -> Self {
+        Self::spawn_with(gateways, cluster_mode()).await
+    }
+
+    /// The same on a Redis Cluster (`true`) or a single Redis, whatever the environment says.
+    pub async fn spawn_with(gateways: usize, on_cluster: bool) -> Self {
         // `RUST_LOG=debug cargo test` shows the services' logs of failing tests.
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .try_init();
         let (redis, mongo) = tokio::join!(Redis::start(), Mongo::start());
+        let embedded = std::env::var("CHAT_TEST_MODE").as_deref() == Ok("embedded");
+        let cluster = if on_cluster && !embedded {
+            Some(RedisCluster::start().await)
+        } else {
+            None
+        };
         let prefix = unique("t");
         let db = unique("chat");
         let mut app = Self {
-            embedded: std::env::var("CHAT_TEST_MODE").as_deref() == Ok("embedded"),
+            embedded,
             data_root: tempfile::tempdir().expect("temporary directory"),
             redis,
+            cluster,
             mongo,
             prefix,
             db,
@@ -74,6 +99,20 @@ impl TestApp {
             http: reqwest::Client::new(),
         };
         app.start_persister().await;
+        if app.cluster.is_some() {
+            // Every tier scaled out: three persisters, sharing the partitions.
+            let mut stops = vec![app.persister_stop.clone()];
+            for _ in 0..2 {
+                app.start_persister().await;
+                stops.push(app.persister_stop.clone());
+            }
+            app.persister_stop = CancellationToken::new();
+            let all = app.persister_stop.clone();
+            tokio::spawn(async move {
+                all.cancelled().await;
+                stops.iter().for_each(CancellationToken::cancel);
+            });
+        }
         for i in 0..gateways {
             if app.embedded && i > 0 {
                 // One embedded gateway is the whole server: "gateway i" is that one.
@@ -90,6 +129,45 @@ impl TestApp {
             app.add_gateway().await;
         }
         app
+    }
+
+    /// The URL of this test's Redis: the cluster's in cluster mode.
+    pub fn redis_url(&self) -> String {
+        match &self.cluster {
+            Some(cluster) => cluster.url(),
+            None => self.redis.url(),
+        }
+    }
+
+    /// A port of this test's Redis (any node of the cluster), for `redis-cli -c`.
+    pub fn redis_port(&self) -> u16 {
+        match &self.cluster {
+            Some(cluster) => cluster.any_port(),
+            None => self.redis.port,
+        }
+    }
+
+    /// Waits until Redis itself counts `expected` subscribers of a shard channel (on a
+    /// cluster, summed over the nodes: `PUBSUB SHARDNUMSUB` answers for the node asked).
+    pub async fn wait_shard_numsub(&self, channel: &str, expected: i64) {
+        let ports: Vec<u16> = match &self.cluster {
+            Some(cluster) => cluster
+                .nodes
+                .iter()
+                .filter(|n| n.is_running())
+                .map(|n| n.port)
+                .collect(),
+            None => vec![self.redis.port],
+        };
+        servers::wait_shard_numsub(&ports, channel, expected).await
+    }
+
+    /// Tests that kill or restart the single Redis do not apply to a cluster.
+    pub fn skip_when_cluster(&self, why: &str) -> bool {
+        if self.cluster.is_some() {
+            eprintln!("skipped on a Redis Cluster: {why}");
+        }
+        self.cluster.is_some()
     }
 
     /// Tests of Redis or MongoDB failures have nothing to test in the embedded mode.
@@ -135,7 +213,7 @@ impl TestApp {
             .collect();
         args.extend([
             "--redis-url".into(),
-            self.redis.url(),
+            self.redis_url(),
             "--redis-prefix".into(),
             self.prefix.clone(),
             "--mongodb-uri".into(),
@@ -222,7 +300,7 @@ impl TestApp {
     pub fn service_env(&self, extra: &[(&str, String)]) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = vec![
             ("HOST".into(), "127.0.0.1".into()),
-            ("REDIS_URL".into(), self.redis.url()),
+            ("REDIS_URL".into(), self.redis_url()),
             ("REDIS_PREFIX".into(), self.prefix.clone()),
             ("MONGODB_URI".into(), self.mongo.uri()),
             ("MONGODB_DB".into(), self.db.clone()),

@@ -101,45 +101,16 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Waits until `channel` has `expected` subscribers (a subscription is acknowledged on
-    /// the subscriber's own connection, a moment before every other client sees it).
-    pub async fn wait_numsub(&self, channel: &str, expected: i64) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let now = self.numsub(channel).await;
-            if now == expected {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{channel} has {now} subscribers, expected {expected}"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+    /// Waits until the shard channel `channel` has `expected` subscribers (a subscription is
+    /// acknowledged on the subscriber's own connection, a moment before every other client
+    /// sees it).
+    pub async fn wait_shard_numsub(&self, channel: &str, expected: i64) {
+        wait_shard_numsub(&[self.port], channel, expected).await
     }
 
-    /// `PUBSUB NUMSUB channel`: how many connections are subscribed to it.
-    pub async fn numsub(&self, channel: &str) -> i64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        let command = format!(
-            "*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n${}\r\n{channel}\r\n",
-            channel.len()
-        );
-        conn.write_all(command.as_bytes()).await.unwrap();
-        // `*2 $<n> <channel> :<count>`: the count is the last line.
-        let mut reply = Vec::new();
-        while !reply.ends_with(b"\r\n") || !reply.contains(&b':') {
-            let mut buf = [0u8; 256];
-            let n = conn.read(&mut buf).await.unwrap();
-            assert!(n > 0, "redis closed the connection");
-            reply.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8(reply).unwrap();
-        let count = text.rsplit(':').next().unwrap().trim();
-        count.parse().unwrap()
+    /// Runs a command with `redis-cli` and returns its output.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args).await
     }
 
     /// Kills the server (SIGKILL).
@@ -203,5 +174,223 @@ impl Drop for Mongo {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Runs `redis-cli -c` (following cluster redirections) against a port; returns stdout.
+pub async fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("redis-cli")
+        .args(["-c", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .await
+        .expect("redis-cli runs");
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `PUBSUB SHARDNUMSUB channel`: the subscribers connected to the node on `port`.
+pub async fn shard_numsub(port: u16, channel: &str) -> i64 {
+    let out = redis_cli(port, &["PUBSUB", "SHARDNUMSUB", channel]).await;
+    out.lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("SHARDNUMSUB {channel}: {out:?}"))
+}
+
+/// Waits until a shard channel has `expected` subscribers over the nodes on `ports`, as
+/// Redis itself counts them.
+pub async fn wait_shard_numsub(ports: &[u16], channel: &str, expected: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut now = 0;
+        for port in ports {
+            now += shard_numsub(*port, channel).await;
+        }
+        if now == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{channel} has {now} subscribers, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A Redis Cluster of 3 masters and 3 replicas (`redis-server --cluster-enabled yes` on 6
+/// free ports, joined by `redis-cli --cluster create … --cluster-replicas 1`), each node
+/// with an append-only file synced on every write, owned by the test.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+pub struct ClusterNode {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl ClusterNode {
+    fn spawn(&mut self) {
+        let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            // Fail over within about two seconds of a master's death.
+            .args(["--cluster-node-timeout", "1000"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (install redis-server): {e}"));
+        self.child = Some(child);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the node again on its port and data (it rejoins the cluster from its
+    /// `nodes.conf`; a master that was failed over comes back as a replica).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        let port = self.port;
+        wait_for_port(port, "redis-server (cluster)", self.child.as_mut().unwrap()).await;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        let mut nodes: Vec<ClusterNode> = (0..6)
+            .map(|_| ClusterNode {
+                port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn();
+        }
+        for node in &mut nodes {
+            let port = node.port;
+            wait_for_port(port, "redis-server (cluster)", node.child.as_mut().unwrap()).await;
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = tokio::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .await
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "cluster create: {out:?}");
+        let cluster = Self { nodes };
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// `redis-cluster://` URL naming three of the nodes (the rest are discovered).
+    pub fn url(&self) -> String {
+        let mut url = format!("redis-cluster://127.0.0.1:{}", self.nodes[0].port);
+        for n in &self.nodes[1..3] {
+            url.push_str(&format!(
+                "{}node=127.0.0.1:{}",
+                if url.contains('?') { '&' } else { '?' },
+                n.port
+            ));
+        }
+        url
+    }
+
+    /// A running node to send commands to.
+    pub fn any_port(&self) -> u16 {
+        self.nodes.iter().find(|n| n.is_running()).unwrap().port
+    }
+
+    /// Waits until every running node sees the cluster as ok with every slot served.
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        'again: loop {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become healthy"
+            );
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                let info = redis_cli(node.port, &["CLUSTER", "INFO"]).await;
+                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue 'again;
+                }
+            }
+            return;
+        }
+    }
+
+    /// The port of the master that serves `key`'s slot, as the cluster sees it now (`None`
+    /// between a master's failure and its replica's promotion).
+    pub async fn master_of(&self, key: &str) -> Option<u16> {
+        let slot: u16 = redis_cli(self.any_port(), &["CLUSTER", "KEYSLOT", key])
+            .await
+            .trim()
+            .parse()
+            .unwrap();
+        // `<id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <state> <slots...>`
+        let nodes = redis_cli(self.any_port(), &["CLUSTER", "NODES"]).await;
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags: Vec<&str> = fields.get(2).map_or(Vec::new(), |f| f.split(',').collect());
+            // A master only suspected of failure (`fail?`) still serves its slots.
+            if fields.len() < 9 || !flags.contains(&"master") || flags.contains(&"fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                matches!((start.parse::<u16>(), end.parse::<u16>()), (Ok(s), Ok(e)) if (s..=e).contains(&slot))
+            });
+            if serves {
+                let address = fields[1].split('@').next().unwrap();
+                return address.rsplit(':').next()?.parse().ok();
+            }
+        }
+        None
+    }
+
+    /// The node on `port`.
+    pub fn node(&mut self, port: u16) -> &mut ClusterNode {
+        self.nodes.iter_mut().find(|n| n.port == port).unwrap()
     }
 }

@@ -53,6 +53,16 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ if .Values.mongodb.existingSecret }}{{ .Values.mongodb.existingSecretKey }}{{ else }}mongodb-uri{{ end }}
 - name: MONGODB_DB
   value: {{ .Values.mongodb.database | quote }}
+- name: INGEST_PARTITIONS
+  value: {{ .Values.ingest.partitions | quote }}
+- name: INGEST_MAX_BACKLOG
+  value: {{ .Values.ingest.maxBacklog | quote }}
+- name: INGEST_MIN_REPLICAS
+  value: {{ .Values.ingest.minReplicas | quote }}
+- name: INGEST_REPLICA_TIMEOUT_MS
+  value: {{ .Values.ingest.replicaTimeoutMs | quote }}
+- name: IDEMPOTENCY_TTL_SECS
+  value: {{ .Values.ingest.idempotencyTtlSeconds | quote }}
 - name: LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 {{- end -}}

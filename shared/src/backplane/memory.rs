@@ -1,5 +1,5 @@
 //! The in-process backplane for the single-process mode: the ingest queue, room events,
-//! counters and idempotency keys live in this process's memory. Same contract as the Redis
+//! and idempotency keys live in this process's memory. Same contract as the Redis
 //! backplane for one gateway with its persister running in the same process.
 //!
 //! Durability: a message is acknowledged to its sender once queued; the in-process
@@ -7,9 +7,9 @@
 //! message before the process exits. A crash (SIGKILL) loses what was queued but not yet
 //! stored; the distributed mode (Redis stream) does not have that window.
 
-use crate::backplane::{
-    Appended, Backlog, Backplane, BackplaneError, IDEMPOTENCY_TTL, Ingest, IngestEntry,
-    RoomEventSink,
+use super::{
+    Appended, Backplane, BackplaneError, IDEMPOTENCY_TTL, Ingest, IngestEntry, Lease, ReadPosition,
+    RoomEventSink, stream_seq,
 };
 use crate::wire::{ChatMessage, RoomEvent};
 use async_trait::async_trait;
@@ -36,12 +36,23 @@ pub struct MemoryBackplane {
     queue: Mutex<Queue>,
     appended: Notify,
     rooms: Mutex<HashSet<ObjectId>>,
-    counters: Mutex<HashMap<String, (u64, Instant)>>,
-    idempotency: Mutex<HashMap<String, FirstAppend>>,
+    idempotency: Mutex<Idempotency>,
+    /// The fencing token of the one partition's lease, while it is held.
+    lease: Mutex<Option<u64>>,
+    tokens: std::sync::atomic::AtomicU64,
 }
 
-/// The message first appended under an idempotency key, and when the key expires.
-type FirstAppend = (ObjectId, DateTime<Utc>, Instant);
+/// Idempotency keys with their first append, and the order they expire in: every key lives
+/// the same [`IDEMPOTENCY_TTL`], so the oldest is always at the front and expiry costs O(1)
+/// per append.
+#[derive(Default)]
+struct Idempotency {
+    first: HashMap<String, FirstAppend>,
+    expiry: VecDeque<(Instant, String)>,
+}
+
+/// The message first appended under an idempotency key.
+type FirstAppend = (ObjectId, DateTime<Utc>);
 
 impl MemoryBackplane {
     /// Room events of subscribed rooms (and every control event) go to `sink`.
@@ -51,8 +62,9 @@ impl MemoryBackplane {
             queue: Mutex::default(),
             appended: Notify::new(),
             rooms: Mutex::default(),
-            counters: Mutex::default(),
             idempotency: Mutex::default(),
+            lease: Mutex::default(),
+            tokens: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -91,17 +103,21 @@ impl Backplane for MemoryBackplane {
         if let Some(key) = idempotency_key {
             let mut seen = lock(&self.idempotency);
             let now = Instant::now();
-            seen.retain(|_, (_, _, expires)| *expires > now);
-            if let Some((id, created_at, _)) = seen.get(key) {
+            while seen.expiry.front().is_some_and(|(at, _)| *at <= now) {
+                if let Some((_, old)) = seen.expiry.pop_front() {
+                    seen.first.remove(&old);
+                }
+            }
+            if let Some((id, created_at)) = seen.first.get(key) {
                 return Ok(Appended::Duplicate {
                     id: *id,
                     created_at: *created_at,
                 });
             }
-            seen.insert(
-                key.to_owned(),
-                (message.id, message.created_at, now + IDEMPOTENCY_TTL),
-            );
+            seen.first
+                .insert(key.to_owned(), (message.id, message.created_at));
+            seen.expiry
+                .push_back((now + IDEMPOTENCY_TTL, key.to_owned()));
             // Queued under the same lock, so a concurrent duplicate cannot slip in between.
             self.push(message);
             return Ok(Appended::New);
@@ -134,46 +150,98 @@ impl Backplane for MemoryBackplane {
     async fn ping(&self) -> Result<(), BackplaneError> {
         Ok(())
     }
+}
 
-    async fn counter(&self, key: &str) -> Result<(u64, Duration), BackplaneError> {
-        let counters = lock(&self.counters);
-        let now = Instant::now();
-        Ok(match counters.get(key) {
-            Some((n, ends)) if *ends > now => (*n, *ends - now),
-            _ => (0, Duration::ZERO),
-        })
-    }
+/// The embedded mode's one instance name.
+const INSTANCE: &str = "embedded";
 
-    async fn count(&self, key: &str, window: Duration) -> Result<(), BackplaneError> {
-        let mut counters = lock(&self.counters);
-        let now = Instant::now();
-        counters.retain(|_, (_, ends)| *ends > now);
-        counters
-            .entry(key.to_owned())
-            .or_insert((0, now + window))
-            .0 += 1;
-        Ok(())
-    }
-
-    async fn reset_counter(&self, key: &str) -> Result<(), BackplaneError> {
-        lock(&self.counters).remove(key);
-        Ok(())
+impl MemoryBackplane {
+    fn check(&self, lease: &Lease) -> Result<(), BackplaneError> {
+        if *lock(&self.lease) == Some(lease.token) {
+            Ok(())
+        } else {
+            Err(BackplaneError::Fenced(lease.partition))
+        }
     }
 }
 
+/// One partition, one persister: the in-process persister holds the only lease.
 #[async_trait]
 impl Ingest for MemoryBackplane {
-    async fn lead(&self, _ttl: Duration) -> Result<bool, BackplaneError> {
-        Ok(true)
+    fn partitions(&self) -> u16 {
+        1
     }
 
-    async fn resign(&self) -> Result<(), BackplaneError> {
-        // A later reader starts again with what was read but not acknowledged.
-        lock(&self.queue).delivered = 0;
+    fn instance(&self) -> &str {
+        INSTANCE
+    }
+
+    async fn heartbeat(&self, _ttl: Duration) -> Result<Vec<String>, BackplaneError> {
+        Ok(vec![INSTANCE.to_owned()])
+    }
+
+    async fn leave(&self) -> Result<(), BackplaneError> {
         Ok(())
     }
 
-    async fn read(&self, max: usize, block: Duration) -> Result<Vec<IngestEntry>, BackplaneError> {
+    async fn owners(&self) -> Result<Vec<Option<String>>, BackplaneError> {
+        Ok(vec![lock(&self.lease).map(|_| INSTANCE.to_owned())])
+    }
+
+    async fn acquire(
+        &self,
+        partition: u16,
+        _ttl: Duration,
+    ) -> Result<Option<Lease>, BackplaneError> {
+        let mut lease = lock(&self.lease);
+        if lease.is_some() {
+            return Ok(None);
+        }
+        let token = self
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        *lease = Some(token);
+        Ok(Some(Lease {
+            partition,
+            token,
+            holder: format!("{INSTANCE} {token}"),
+        }))
+    }
+
+    async fn renew(&self, lease: &Lease, _ttl: Duration) -> Result<bool, BackplaneError> {
+        Ok(self.check(lease).is_ok())
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BackplaneError> {
+        let mut held = lock(&self.lease);
+        if *held == Some(lease.token) {
+            *held = None;
+        }
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        lease: &Lease,
+        position: &mut ReadPosition,
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<IngestEntry>, BackplaneError> {
+        self.check(lease)?;
+        if let ReadPosition::Pending(cursor) = position {
+            // Hand out again everything after the cursor that was handed out before.
+            let after = stream_seq(cursor).unwrap_or(0);
+            let mut q = lock(&self.queue);
+            q.delivered = q
+                .entries
+                .iter()
+                .take(q.delivered)
+                .take_while(|(id, _)| stream_seq(id).unwrap_or(0) <= after)
+                .count();
+            let last_read = (cursor != "0").then(|| cursor.clone());
+            *position = ReadPosition::New { last_read };
+        }
         let deadline = tokio::time::Instant::now() + block;
         loop {
             // Registered before looking, so an append in between is not missed.
@@ -184,14 +252,18 @@ impl Ingest for MemoryBackplane {
                     let start = q.delivered;
                     let end = q.entries.len().min(start + max.max(1));
                     q.delivered = end;
-                    return Ok(q
+                    let entries: Vec<IngestEntry> = q
                         .entries
                         .range(start..end)
                         .map(|(id, m)| IngestEntry {
                             id: id.clone(),
                             message: Ok(m.clone()),
                         })
-                        .collect());
+                        .collect();
+                    *position = ReadPosition::New {
+                        last_read: entries.last().map(|e| e.id.clone()),
+                    };
+                    return Ok(entries);
                 }
             }
             if tokio::time::timeout_at(deadline, appended).await.is_err() {
@@ -200,15 +272,14 @@ impl Ingest for MemoryBackplane {
         }
     }
 
-    async fn backlog(&self) -> Result<Backlog, BackplaneError> {
-        let q = lock(&self.queue);
-        Ok(Backlog {
-            pending: q.delivered as u64,
-            lag: Some((q.entries.len() - q.delivered) as u64),
-        })
-    }
-
-    async fn ack(&self, ids: &[String]) -> Result<(), BackplaneError> {
+    async fn complete(
+        &self,
+        lease: &Lease,
+        events: &[RoomEvent],
+        ids: &[String],
+    ) -> Result<(), BackplaneError> {
+        self.check(lease)?;
+        self.publish(events).await?;
         let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
         let mut q = lock(&self.queue);
         let delivered = q.delivered;
@@ -224,6 +295,10 @@ impl Ingest for MemoryBackplane {
         });
         q.delivered = delivered - removed_delivered;
         Ok(())
+    }
+
+    async fn backlog(&self, _partition: u16) -> Result<u64, BackplaneError> {
+        Ok(lock(&self.queue).entries.len() as u64)
     }
 }
 
@@ -258,28 +333,51 @@ mod tests {
             Appended::Duplicate { id, .. } if id == a.id
         ));
         bp.append(&b, None).await.unwrap();
-        let first = bp.read(1, Duration::ZERO).await.unwrap();
-        let second = bp.read(10, Duration::ZERO).await.unwrap();
+        let ttl = Duration::from_secs(1);
+        let lease = bp.acquire(0, ttl).await.unwrap().unwrap();
+        assert_eq!(bp.acquire(0, ttl).await.unwrap(), None, "one holder");
+        let mut position = ReadPosition::start();
+        let first = bp
+            .read(&lease, &mut position, 1, Duration::ZERO)
+            .await
+            .unwrap();
+        let second = bp
+            .read(&lease, &mut position, 10, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(first[0].message.as_ref().unwrap().id, a.id);
         assert_eq!(second[0].message.as_ref().unwrap().id, b.id);
-        let (s1, s2) = (
-            crate::backplane::stream_seq(&first[0].id).unwrap(),
-            crate::backplane::stream_seq(&second[0].id).unwrap(),
-        );
-        assert!(s1 < s2);
-        bp.ack(&[first[0].id.clone()]).await.unwrap();
-        // A new reader (after resign) gets the unacknowledged entry again.
-        bp.resign().await.unwrap();
-        let again = bp.read(10, Duration::ZERO).await.unwrap();
+        assert!(stream_seq(&first[0].id).unwrap() < stream_seq(&second[0].id).unwrap());
+        bp.complete(&lease, &[], &[first[0].id.clone()])
+            .await
+            .unwrap();
+        // The next holder gets the unacknowledged entry again; the old one is fenced.
+        bp.release(&lease).await.unwrap();
+        let next = bp.acquire(0, ttl).await.unwrap().unwrap();
+        assert!(matches!(
+            bp.complete(&lease, &[], &[second[0].id.clone()]).await,
+            Err(BackplaneError::Fenced(0))
+        ));
+        let mut position = ReadPosition::start();
+        let again = bp
+            .read(&next, &mut position, 10, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].id, second[0].id);
-        bp.ack(&[again[0].id.clone()]).await.unwrap();
+        bp.complete(&next, &[], &[again[0].id.clone()])
+            .await
+            .unwrap();
         assert_eq!(bp.queued(), 0);
         // A read waits for an append.
         let bp = Arc::new(bp);
         let reader = {
             let bp = bp.clone();
-            tokio::spawn(async move { bp.read(10, Duration::from_secs(10)).await })
+            tokio::spawn(async move {
+                let mut position = ReadPosition::start();
+                bp.read(&next, &mut position, 10, Duration::from_secs(10))
+                    .await
+            })
         };
         tokio::task::yield_now().await;
         bp.append(&message(room), None).await.unwrap();
@@ -303,10 +401,5 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(*lock(&got), vec![on]);
-        bp.count("c", Duration::from_secs(60)).await.unwrap();
-        bp.count("c", Duration::from_secs(60)).await.unwrap();
-        assert_eq!(bp.counter("c").await.unwrap().0, 2);
-        bp.reset_counter("c").await.unwrap();
-        assert_eq!(bp.counter("c").await.unwrap().0, 0);
     }
 }

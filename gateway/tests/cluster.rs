@@ -1,0 +1,389 @@
+//! Every tier scaled out on a real Redis Cluster (3 masters, 3 replicas): two gateways and
+//! three persister processes. The partitions spread over the persisters; a master, a
+//! persister and a paused persister are lost under load, and every acknowledged message is
+//! stored once, in order, and delivered. The contract suites run on a cluster too
+//! (`CHAT_TEST_REDIS=cluster cargo test --test socket --test rest`).
+
+mod common;
+
+use common::servers::redis_cli;
+use common::sio::{SioClient, TIMEOUT};
+use common::{TestApp, metric, wait_ready};
+use serde_json::{Value, json};
+use shared::backplane::Keys;
+use std::time::{Duration, Instant};
+
+/// Waits until `check` holds, polling; panics after `timeout`.
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not true within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A test app on a Redis Cluster (or a single Redis), whatever `CHAT_TEST_REDIS` says,
+/// with its in-process persisters stopped: the tests run persister processes they can kill.
+async fn app_on(gateways: usize, cluster: bool) -> Option<TestApp> {
+    let app = TestApp::spawn_with(gateways, cluster).await;
+    if app.skip_when_embedded("no Redis") {
+        return None;
+    }
+    app.persister_stop.cancel();
+    Some(app)
+}
+
+/// Every message of a room, oldest first, through the REST history.
+async fn history(app: &TestApp, token: &str, room: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut path = format!("/chat/rooms/{room}/messages?limit=100");
+        if let Some(b) = &before {
+            path.push_str(&format!("&before={b}"));
+        }
+        let (_, page) = app.call("GET", &path, Some(token), None).await;
+        let page = page.as_array().unwrap().clone();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().unwrap()["id"].as_str().map(str::to_owned);
+        all.extend(page);
+    }
+    all.reverse();
+    all
+}
+
+/// The ids of a room's stored messages, oldest first, once there are at least `expected`
+/// (the persisters may still be storing the last ones acknowledged).
+async fn stored_ids(app: &TestApp, token: &str, room: &str, expected: usize) -> Vec<Value> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ids: Vec<Value> = history(app, token, room)
+            .await
+            .iter()
+            .map(|m| m["id"].clone())
+            .collect();
+        if ids.len() >= expected || Instant::now() > deadline {
+            return ids;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The holder of each partition's lease, by partition.
+async fn holders(app: &TestApp) -> Vec<String> {
+    let keys = Keys::new(&app.prefix, 16);
+    let mut holders = Vec::new();
+    for p in 0..16 {
+        let holder = redis_cli(app.redis_port(), &["GET", &keys.ingest_lease(p)]).await;
+        holders.push(holder.trim().to_owned());
+    }
+    holders
+}
+
+/// Sends `n` messages to `room` with a `clientMsgId` each, retrying a refused or
+/// unanswered send (as a client would) until it is acknowledged; returns the ids in order.
+async fn send_all(client: &mut SioClient, room: &str, tag: &str, n: usize) -> Vec<Value> {
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = json!({ "roomId": room, "content": format!("{tag}{i}"), "clientMsgId": format!("{tag}-{i}") });
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let ack = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.emit_with_ack("send_message", vec![body.clone()]),
+            )
+            .await;
+            if let Ok(Ok(ack)) = &ack
+                && ack["ok"] == json!(true)
+            {
+                ids.push(ack["id"].clone());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{tag}{i} never acknowledged: {ack:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_spread_over_every_persister_and_move_when_one_dies_or_pauses() {
+    let Some(mut app) = app_on(2, true).await else {
+        return;
+    };
+    let mut persisters = Vec::new();
+    for name in ["p1", "p2", "p3"] {
+        persisters.push(app.persister_process(name, &[]).await);
+    }
+    let admins: Vec<u16> = persisters.iter().map(|(_, admin)| *admin).collect();
+    // Each of the three holds 5 or 6 partitions, and every partition has exactly one holder.
+    eventually("16 partitions shared out 6/5/5", TIMEOUT, || async {
+        let mut owned = Vec::new();
+        for admin in &admins {
+            owned.push(
+                metric(*admin, "chat_persister_partitions_owned")
+                    .await
+                    .unwrap_or(0.0),
+            );
+        }
+        owned.sort_by(f64::total_cmp);
+        owned == [5.0, 5.0, 6.0]
+    })
+    .await;
+    let held = holders(&app).await;
+    assert!(held.iter().all(|h| !h.is_empty()), "{held:?}");
+    for name in ["p1/", "p2/", "p3/"] {
+        let count = held.iter().filter(|h| h.starts_with(name)).count();
+        assert!((5..=6).contains(&count), "{name} holds {count}: {held:?}");
+    }
+
+    // Traffic in four rooms while one persister is killed and another is paused past its
+    // lease, then resumed: nothing is lost, stored twice or reordered.
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let mut rooms = Vec::new();
+    for _ in 0..4 {
+        rooms.push(app.room(&ann, &[&bob_id]).await);
+    }
+    let room_refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
+    let mut a = app.member(0, &ann, &[]).await;
+    let b = app.member(1, &bob, &room_refs).await;
+
+    let mut sent: Vec<Vec<Value>> = vec![Vec::new(); rooms.len()];
+    for (r, room) in rooms.iter().enumerate() {
+        sent[r].extend(send_all(&mut a, room, "before", 30).await);
+    }
+    persisters[0].0.kill();
+    let paused = persisters[1].0.pid();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &paused.to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    for (r, room) in rooms.iter().enumerate() {
+        sent[r].extend(send_all(&mut a, room, "during", 30).await);
+    }
+    // The third persister takes every partition once the two leases expire (LEASE_MS 1 s).
+    eventually(
+        "the last running persister holds all 16",
+        TIMEOUT,
+        || async { metric(admins[2], "chat_persister_partitions_owned").await == Some(16.0) },
+    )
+    .await;
+    let cont = std::process::Command::new("kill")
+        .args(["-CONT", &paused.to_string()])
+        .status()
+        .unwrap();
+    assert!(cont.success());
+    for (r, room) in rooms.iter().enumerate() {
+        sent[r].extend(send_all(&mut a, room, "after", 30).await);
+    }
+    // The resumed one finds its leases gone, stops working on them, and takes its share
+    // back: two live persisters, 8 each.
+    eventually(
+        "the resumed persister takes its share again",
+        TIMEOUT,
+        || async {
+            metric(admins[1], "chat_persister_partitions_owned").await == Some(8.0)
+                && metric(admins[2], "chat_persister_partitions_owned").await == Some(8.0)
+        },
+    )
+    .await;
+    for (r, room) in rooms.iter().enumerate() {
+        let stored = stored_ids(&app, &bob, room, sent[r].len()).await;
+        assert_eq!(
+            stored, sent[r],
+            "room {r}: stored once each, in the acknowledged order"
+        );
+    }
+    // Live delivery: per room, what reached the socket is in order and without duplicates.
+    let barrier = a
+        .request(
+            "send_message",
+            json!({ "roomId": rooms[0], "content": "end" }),
+        )
+        .await;
+    let mut seen: Vec<Vec<Value>> = vec![Vec::new(); rooms.len()];
+    loop {
+        let m = b.next("message").await;
+        let r = rooms
+            .iter()
+            .position(|room| m["roomId"] == json!(room))
+            .unwrap();
+        if m["id"] == barrier["id"] {
+            break;
+        }
+        seen[r].push(m["id"].clone());
+    }
+    for (r, got) in seen.iter().enumerate() {
+        let positions: Vec<usize> = got
+            .iter()
+            .map(|id| {
+                sent[r]
+                    .iter()
+                    .position(|s| s == id)
+                    .expect("a sent message")
+            })
+            .collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "room {r}: delivered out of order or twice: {positions:?}"
+        );
+    }
+    drop(persisters);
+    app.gateways.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_flow_loses_no_acknowledged_message() {
+    let Some(mut app) = app_on(0, true).await else {
+        return;
+    };
+    let replicas = [("INGEST_MIN_REPLICAS", "1".to_owned())];
+    app.gateway_process(&replicas).await;
+    app.gateway_process(&replicas).await;
+    let (_p1, _) = app.persister_process("p1", &[]).await;
+    let (_p2, _) = app.persister_process("p2", &[]).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+
+    let keys = Keys::new(&app.prefix, 16);
+    let stream = keys.ingest_stream(keys.partition_of(&room.parse().unwrap()));
+    let mut sent = send_all(&mut a, &room, "before", 100).await;
+    let master = app
+        .cluster
+        .as_ref()
+        .unwrap()
+        .master_of(&stream)
+        .await
+        .expect("a master serves the partition");
+    app.cluster.as_mut().unwrap().node(master).kill();
+    // Sends go on through the failover: refused or unanswered ones are retried with the
+    // same clientMsgId. Those acknowledged before the kill were confirmed by the replica
+    // (INGEST_MIN_REPLICAS=1), which the cluster promotes. The promoted master has no
+    // replica until the old one rejoins as its replica; until then sends to that shard are
+    // refused (never acknowledged unreplicated).
+    let cluster = app.cluster.as_mut().unwrap();
+    let during = send_all(&mut a, &room, "during", 50);
+    let failover = async {
+        // A replica took over once the cluster serves the slot from another node.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster
+            .master_of(&stream)
+            .await
+            .is_none_or(|now| now == master)
+        {
+            assert!(Instant::now() < deadline, "no replica took over");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cluster.wait_healthy().await;
+        cluster.node(master).restart().await;
+    };
+    let (during, ()) = tokio::join!(during, failover);
+    sent.extend(during);
+    sent.extend(send_all(&mut a, &room, "after", 50).await);
+
+    let stored = stored_ids(&app, &bob, &room, sent.len()).await;
+    assert_eq!(
+        stored, sent,
+        "every acknowledged message stored once, in order"
+    );
+    // Live delivery resumed with nothing restarted: the gateways are ready again and a
+    // message sent now reaches the member on the other gateway.
+    for gw in &app.gateways {
+        wait_ready(gw.admin_port).await;
+    }
+    let last = a
+        .request("send_message", json!({ "roomId": room, "content": "live" }))
+        .await;
+    loop {
+        let m = b.next("message").await;
+        if m["id"] == last["id"] {
+            break;
+        }
+    }
+}
+
+/// Redis drops subscribers that fall behind (`client-output-buffer-limit pubsub`); here
+/// every pub/sub connection of every node is dropped at once, while messages flow. The
+/// gateways subscribe again by themselves (as Redis itself counts), are ready again, and
+/// live delivery goes on.
+async fn a_dropped_pubsub_connection_is_resubscribed(cluster: bool) {
+    let Some(mut app) = app_on(0, cluster).await else {
+        return;
+    };
+    // Gateway processes, so that each has its own metrics.
+    app.gateway_process(&[]).await;
+    app.gateway_process(&[]).await;
+    let (_p, _) = app.persister_process("p1", &[]).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+    let channel = Keys::new(&app.prefix, 16).room_channel(&room.parse().unwrap());
+    app.wait_shard_numsub(&channel, 2).await;
+    let resubscribes = |admin| async move {
+        metric(admin, "chat_gateway_resubscribes_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let before: Vec<f64> =
+        futures::future::join_all(app.gateways.iter().map(|g| resubscribes(g.admin_port))).await;
+    let ports: Vec<u16> = match &app.cluster {
+        Some(cluster) => cluster.nodes.iter().map(|n| n.port).collect(),
+        None => vec![app.redis.port],
+    };
+    let flow = send_all(&mut a, &room, "flow", 50);
+    let kill = async {
+        for port in &ports {
+            redis_cli(*port, &["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+        }
+    };
+    let (_sent, ()) = tokio::join!(flow, kill);
+    for (g, before) in app.gateways.iter().zip(before) {
+        eventually("the gateway resubscribed", TIMEOUT, || async {
+            resubscribes(g.admin_port).await > before
+        })
+        .await;
+        wait_ready(g.admin_port).await;
+    }
+    app.wait_shard_numsub(&channel, 2).await;
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "after" }),
+        )
+        .await;
+    loop {
+        let m = b.next("message").await;
+        if m["id"] == ack["id"] {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pubsub_connection_is_resubscribed_on_a_single_redis() {
+    a_dropped_pubsub_connection_is_resubscribed(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pubsub_connection_is_resubscribed_on_a_cluster() {
+    a_dropped_pubsub_connection_is_resubscribed(true).await;
+}

@@ -1,0 +1,236 @@
+//! The gateway's Redis backplane: appends go to the ingest partitions
+//! ([`super::redis_ingest::IngestWriter`]); room events travel on sharded pub/sub
+//! (`SPUBLISH` / `SSUBSCRIBE`, Redis 7.0 or later), so in a cluster a room's traffic touches
+//! only the shard that owns its channel.
+
+use super::redis_ingest::IngestWriter;
+use super::redis_util::{builder, check_partitions};
+use super::{Appended, Backplane, BackplaneError, IngestSettings, Keys, RoomEventSink};
+use crate::config::RedisSettings;
+use crate::wire::{ChatMessage, RoomEvent};
+use async_trait::async_trait;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use mongodb::bson::oid::ObjectId;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// How often every shard subscription is confirmed again. Redis drops the subscriptions of
+/// a slot that moves to another shard with a notice the client library does not surface;
+/// subscribing again (a no-op where nothing moved) restores them within this time.
+const SUBSCRIPTION_REFRESH: Duration = Duration::from_secs(5);
+
+/// The Redis backplane of a gateway.
+pub struct RedisBackplane {
+    keys: Keys,
+    commands: Client,
+    ingest: IngestWriter,
+    subscriber: Option<SubscriberClient>,
+    /// False from the moment the subscriber connection fails until every room channel was
+    /// subscribed again on the new connection: room events published meanwhile are lost
+    /// for this process, so it reports itself not ready.
+    subscriptions_live: Arc<AtomicBool>,
+}
+
+impl RedisBackplane {
+    /// Connects for publishing and appending only.
+    pub async fn connect(
+        settings: &RedisSettings,
+        ingest: &IngestSettings,
+    ) -> Result<Self, BackplaneError> {
+        let keys = Keys::new(&settings.prefix, ingest.partitions);
+        let commands = builder(settings)?.build()?;
+        commands.init().await?;
+        check_partitions(&commands, &keys).await?;
+        Ok(Self {
+            ingest: IngestWriter::connect(settings, ingest, keys.clone()).await?,
+            keys,
+            commands,
+            subscriber: None,
+            subscriptions_live: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// Connects and delivers the events of subscribed rooms to `sink` (the gateway's use).
+    /// Subscriptions are restored after every reconnect.
+    pub async fn connect_with_sink(
+        settings: &RedisSettings,
+        ingest: &IngestSettings,
+        sink: RoomEventSink,
+    ) -> Result<Self, BackplaneError> {
+        let mut backplane = Self::connect(settings, ingest).await?;
+        let subscriber = builder(settings)?.build_subscriber_client()?;
+        subscriber.init().await?;
+        backplane.watch_subscriptions(&subscriber);
+        subscriber
+            .ssubscribe(backplane.keys.control_channel())
+            .await?;
+        let mut rx = subscriber.message_rx();
+        let keys = backplane.keys.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match rx.recv().await {
+                    Ok(message) => dispatch(&keys, &sink, message),
+                    Err(RecvError::Lagged(n)) => {
+                        metrics::counter!("chat_gateway_backplane_lagged_total").increment(n);
+                        tracing::error!(
+                            lost = n,
+                            "pub/sub fan-out fell behind and Redis messages were lost; raise REDIS_PUBSUB_CAPACITY"
+                        );
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+        backplane.subscriber = Some(subscriber);
+        Ok(backplane)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Restores the subscriptions after every reconnect and keeps `subscriptions_live` true
+    /// only while they are in place, so that readiness can tell a gateway that would miss
+    /// room events.
+    fn watch_subscriptions(&self, subscriber: &SubscriberClient) {
+        let mut errors = subscriber.error_rx();
+        let mut reconnects = subscriber.reconnect_rx();
+        let live = self.subscriptions_live.clone();
+        let subscriber = subscriber.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            let mut refresh = tokio::time::interval(SUBSCRIPTION_REFRESH);
+            refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    error = errors.recv() => match error {
+                        Ok((error, _)) => {
+                            if live.swap(false, Ordering::SeqCst) {
+                                tracing::warn!(%error, "Redis subscriber connection lost; room events are missed until it is back");
+                            }
+                        }
+                        Err(RecvError::Lagged(_)) => live.store(false, Ordering::SeqCst),
+                        Err(RecvError::Closed) => break,
+                    },
+                    reconnect = reconnects.recv() => match reconnect {
+                        Ok(_) | Err(RecvError::Lagged(_)) => {
+                            live.store(false, Ordering::SeqCst);
+                            match resubscribe(&subscriber).await {
+                                Ok(channels) => {
+                                    live.store(true, Ordering::SeqCst);
+                                    metrics::counter!("chat_gateway_resubscribes_total").increment(1);
+                                    tracing::info!(channels, "Redis subscriber reconnected and resubscribed");
+                                }
+                                // The connection failed again; the next reconnect retries.
+                                Err(error) => tracing::error!(%error, "resubscribing after a Redis reconnect failed"),
+                            }
+                        }
+                        Err(RecvError::Closed) => break,
+                    },
+                    _ = refresh.tick() => {
+                        if live.load(Ordering::SeqCst)
+                            && let Err(error) = resubscribe(&subscriber).await
+                        {
+                            tracing::debug!(%error, "confirming the shard subscriptions failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn subscriber(&self) -> Result<&SubscriberClient, BackplaneError> {
+        self.subscriber.as_ref().ok_or_else(|| {
+            BackplaneError::Config("this backplane was built without a subscriber".into())
+        })
+    }
+}
+
+/// Subscribes every tracked shard channel again, one `SSUBSCRIBE` per hash slot (a
+/// cluster refuses channels of several slots in one command). Returns how many.
+async fn resubscribe(subscriber: &SubscriberClient) -> Result<usize, BackplaneError> {
+    let channels = subscriber.tracked_shard_channels();
+    let count = channels.len();
+    for (_, group) in fred::util::group_by_hash_slot(channels)? {
+        subscriber.ssubscribe(Vec::from(group)).await?;
+    }
+    Ok(count)
+}
+
+fn dispatch(keys: &Keys, sink: &RoomEventSink, message: fred::types::Message) {
+    let decoded = message
+        .value
+        .as_bytes()
+        .ok_or_else(|| "not a string".to_owned())
+        .and_then(|b| serde_json::from_slice::<RoomEvent>(b).map_err(|e| e.to_string()));
+    if *message.channel == *keys.control_channel() {
+        match decoded {
+            Ok(event @ RoomEvent::MemberRemoved(_)) => sink(event),
+            Ok(_) => tracing::warn!("room event on the control channel ignored"),
+            Err(error) => tracing::warn!(%error, "undecodable control event ignored"),
+        }
+        return;
+    }
+    let Some(room) = keys.room_of_channel(&message.channel) else {
+        return;
+    };
+    match decoded {
+        Ok(event) if event.room_id() == room => sink(event),
+        Ok(_) => tracing::warn!(%room, "room event on another room's channel ignored"),
+        Err(error) => tracing::warn!(%room, %error, "undecodable room event ignored"),
+    }
+}
+
+#[async_trait]
+impl Backplane for RedisBackplane {
+    async fn append(
+        &self,
+        message: &ChatMessage,
+        idempotency_key: Option<&str>,
+    ) -> Result<Appended, BackplaneError> {
+        self.ingest.append(message, idempotency_key).await
+    }
+
+    async fn publish(&self, events: &[RoomEvent]) -> Result<(), BackplaneError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.commands.pipeline();
+        for event in events {
+            let json = serde_json::to_string(event)
+                .map_err(|e| BackplaneError::Malformed(e.to_string()))?;
+            let _: () = pipeline.spublish(self.keys.channel_of(event), json).await?;
+        }
+        let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, room: ObjectId) -> Result<(), BackplaneError> {
+        self.subscriber()?
+            .ssubscribe(self.keys.room_channel(&room))
+            .await?;
+        metrics::gauge!("chat_gateway_redis_subscriptions").increment(1);
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, room: ObjectId) -> Result<(), BackplaneError> {
+        self.subscriber()?
+            .sunsubscribe(self.keys.room_channel(&room))
+            .await?;
+        metrics::gauge!("chat_gateway_redis_subscriptions").decrement(1);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BackplaneError> {
+        let _: String = self.commands.ping(None).await?;
+        if let Some(subscriber) = &self.subscriber
+            && (!subscriber.is_connected() || !self.subscriptions_live.load(Ordering::SeqCst))
+        {
+            return Err(BackplaneError::SubscriptionsDown);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,141 @@
+//! What the Redis implementations share: building clients from `REDIS_URL`, the Lua scripts,
+//! error codes, and the check that every process agrees on the partition count.
+
+use super::{BackplaneError, Keys};
+use crate::config::RedisSettings;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// Redis commands that do not answer within this time fail with `UNAVAILABLE`.
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A client builder for `REDIS_URL`: one node (`redis://`, `rediss://`) or a cluster
+/// (`redis-cluster://host:port?node=host:port&…`), reconnecting forever.
+pub(super) fn builder(settings: &RedisSettings) -> Result<Builder, BackplaneError> {
+    let config = Config::from_url(settings.url())
+        .map_err(|e| BackplaneError::Config(format!("REDIS_URL is invalid: {}", e.details())))?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_performance_config(|p| {
+            p.broadcast_channel_capacity = settings.pubsub_capacity;
+            p.default_command_timeout = COMMAND_TIMEOUT;
+        })
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(5);
+            // Retry a command once after a reconnect; callers see an error rather than a hang.
+            c.max_command_attempts = 2;
+        })
+        // Reconnect forever: 100 ms doubling up to 2 s between attempts.
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+    Ok(builder)
+}
+
+/// A connected command client.
+pub async fn connect_client(settings: &RedisSettings) -> Result<Client, BackplaneError> {
+    let client = builder(settings)?.build()?;
+    client.init().await?;
+    Ok(client)
+}
+
+/// The Lua scripts, run by SHA (loaded again by fred after a `NOSCRIPT`, e.g. on a new
+/// master after a failover).
+pub(super) struct Scripts {
+    pub append: Script,
+    pub acquire: Script,
+    pub renew: Script,
+    pub release: Script,
+    pub read: Script,
+    pub complete: Script,
+    pub heartbeat: Script,
+    pub count: Script,
+}
+
+pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
+    append: Script::from_lua(include_str!("scripts/append.lua")),
+    acquire: Script::from_lua(include_str!("scripts/acquire.lua")),
+    renew: Script::from_lua(include_str!("scripts/renew.lua")),
+    release: Script::from_lua(include_str!("scripts/release.lua")),
+    read: Script::from_lua(include_str!("scripts/read.lua")),
+    complete: Script::from_lua(include_str!("scripts/complete.lua")),
+    heartbeat: Script::from_lua(include_str!("scripts/heartbeat.lua")),
+    count: Script::from_lua(include_str!("scripts/count.lua")),
+});
+
+/// Records the partition count on first use and refuses a process configured with another
+/// one: rooms would map to other partitions, and their order would break.
+pub(super) async fn check_partitions(client: &Client, keys: &Keys) -> Result<(), BackplaneError> {
+    let record = keys.partitions_record();
+    let _: Option<String> = client
+        .set(
+            &record,
+            keys.partitions().to_string(),
+            None,
+            Some(SetOptions::NX),
+            false,
+        )
+        .await?;
+    let recorded: Option<String> = client.get(&record).await?;
+    match recorded.as_deref().map(str::parse::<u16>) {
+        Some(Ok(n)) if n == keys.partitions() => Ok(()),
+        Some(Ok(n)) => Err(BackplaneError::Config(format!(
+            "INGEST_PARTITIONS is {} but this Redis holds {n} ingest partitions (key {record}); \
+             start every gateway and persister with INGEST_PARTITIONS={n}",
+            keys.partitions()
+        ))),
+        other => Err(BackplaneError::Malformed(format!(
+            "{record} holds {other:?}"
+        ))),
+    }
+}
+
+/// Waits until `replicas` replicas of the master that owns `key` have every write this
+/// client's connection to that master made so far (Redis `WAIT`).
+pub(super) async fn wait_for_replicas(
+    client: &Client,
+    key: &str,
+    replicas: u32,
+    timeout: Duration,
+) -> Result<(), BackplaneError> {
+    let wanted = i64::from(replicas);
+    let timeout = i64::try_from(timeout.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let confirmed: i64 = if client.is_clustered() {
+        // WAIT has no key: route it to the connection the write went over.
+        let slot = fred::util::redis_keyslot(key.as_bytes());
+        let server = client
+            .cached_cluster_state()
+            .and_then(|state| state.get_server(slot).cloned())
+            .ok_or_else(|| {
+                BackplaneError::Malformed(format!("no cluster node owns slot {slot}"))
+            })?;
+        client
+            .with_cluster_node(server)
+            .wait(wanted, timeout)
+            .await?
+    } else {
+        client.wait(wanted, timeout).await?
+    };
+    if confirmed < wanted {
+        return Err(BackplaneError::NotReplicated { confirmed, wanted });
+    }
+    Ok(())
+}
+
+/// Adds one to a fixed-window counter (`count.lua`); returns the new count.
+pub(crate) async fn count_script(
+    client: &Client,
+    key: &str,
+    window: Duration,
+) -> Result<u64, fred::error::Error> {
+    SCRIPTS
+        .count
+        .evalsha_with_reload(
+            client,
+            vec![key.to_owned()],
+            vec![window.as_millis().to_string()],
+        )
+        .await
+}

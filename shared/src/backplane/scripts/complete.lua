@@ -1,0 +1,32 @@
+-- Publishes a stored batch and acknowledges its entries, for the lease holder only: a
+-- persister that lost the partition can never publish or acknowledge for it.
+-- KEYS[1] the stream; KEYS[2] the lease; KEYS[3..] the rooms' channels (same slot).
+-- ARGV[1] the holder; ARGV[2] group; ARGV[3] how many channels (n); ARGV[4..3+n] one
+-- payload per channel; ARGV[4+n..] the entry ids.
+-- Returns -1 when the lease is not ours, else the number of entries acknowledged.
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return -1
+end
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  redis.call('SPUBLISH', KEYS[2 + i], ARGV[3 + i])
+end
+local acked = 0
+local ids = {}
+local function flush()
+  if #ids > 0 then
+    acked = acked + redis.call('XACK', KEYS[1], ARGV[2], unpack(ids))
+    -- One group reads each stream: an acknowledged entry is not needed again.
+    redis.call('XDEL', KEYS[1], unpack(ids))
+    ids = {}
+  end
+end
+for i = 4 + n, #ARGV do
+  ids[#ids + 1] = ARGV[i]
+  -- unpack() is bounded by Lua's stack; acknowledge in chunks.
+  if #ids == 1000 then
+    flush()
+  end
+end
+flush()
+return acked

@@ -1,0 +1,119 @@
+//! Fixed-window counters (login failure limits): a port of their own, apart from the room
+//! events of the backplane, with a Redis implementation shared by every gateway and an
+//! in-process one for the embedded mode.
+
+use crate::backplane::{BackplaneError, Keys};
+use async_trait::async_trait;
+use fred::prelude::*;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Counters that count events in a window starting with the first one.
+#[async_trait]
+pub trait Counters: Send + Sync + 'static {
+    /// The count of a counter and the time until its window ends.
+    async fn get(&self, key: &str) -> Result<(u64, Duration), BackplaneError>;
+
+    /// Adds one (the window starts with the first count); returns the new count.
+    async fn increment(&self, key: &str, window: Duration) -> Result<u64, BackplaneError>;
+
+    /// Resets a counter.
+    async fn reset(&self, key: &str) -> Result<(), BackplaneError>;
+}
+
+/// Counters in Redis, one key each (`<prefix>:count:<key>`), expiring with their window.
+pub struct RedisCounters {
+    keys: Keys,
+    client: Client,
+}
+
+impl RedisCounters {
+    pub fn new(client: Client, prefix: &str) -> Self {
+        Self {
+            keys: Keys::new(prefix, 1),
+            client,
+        }
+    }
+}
+
+#[async_trait]
+impl Counters for RedisCounters {
+    async fn get(&self, key: &str) -> Result<(u64, Duration), BackplaneError> {
+        let key = self.keys.counter(key);
+        let pipeline = self.client.pipeline();
+        let _: () = pipeline.get(&key).await?;
+        let _: () = pipeline.pttl(&key).await?;
+        let (count, ttl): (Option<u64>, i64) = pipeline.all().await?;
+        Ok((
+            count.unwrap_or(0),
+            Duration::from_millis(u64::try_from(ttl).unwrap_or(0)),
+        ))
+    }
+
+    async fn increment(&self, key: &str, window: Duration) -> Result<u64, BackplaneError> {
+        Ok(crate::backplane::count_script(&self.client, &self.keys.counter(key), window).await?)
+    }
+
+    async fn reset(&self, key: &str) -> Result<(), BackplaneError> {
+        let _: i64 = self.client.del(self.keys.counter(key)).await?;
+        Ok(())
+    }
+}
+
+/// Counters in this process's memory (the embedded mode).
+#[derive(Default)]
+pub struct MemoryCounters {
+    counters: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[async_trait]
+impl Counters for MemoryCounters {
+    async fn get(&self, key: &str) -> Result<(u64, Duration), BackplaneError> {
+        let counters = lock(&self.counters);
+        let now = Instant::now();
+        Ok(match counters.get(key) {
+            Some((n, ends)) if *ends > now => (*n, *ends - now),
+            _ => (0, Duration::ZERO),
+        })
+    }
+
+    async fn increment(&self, key: &str, window: Duration) -> Result<u64, BackplaneError> {
+        let mut counters = lock(&self.counters);
+        let now = Instant::now();
+        counters.retain(|_, (_, ends)| *ends > now);
+        let entry = counters.entry(key.to_owned()).or_insert((0, now + window));
+        entry.0 += 1;
+        Ok(entry.0)
+    }
+
+    async fn reset(&self, key: &str) -> Result<(), BackplaneError> {
+        lock(&self.counters).remove(key);
+        Ok(())
+    }
+}
+
+const _: fn() = || {
+    fn counters<T: Counters>() {}
+    counters::<RedisCounters>();
+    counters::<MemoryCounters>();
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_counters_count_in_a_window() {
+        let c = MemoryCounters::default();
+        assert_eq!(c.increment("c", Duration::from_secs(60)).await.unwrap(), 1);
+        assert_eq!(c.increment("c", Duration::from_secs(60)).await.unwrap(), 2);
+        assert_eq!(c.get("c").await.unwrap().0, 2);
+        c.reset("c").await.unwrap();
+        assert_eq!(c.get("c").await.unwrap().0, 0);
+    }
+}
