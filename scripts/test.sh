@@ -66,8 +66,9 @@ CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test socket --test rest
 step "contract tests against the embedded mode (one process, SQLite)"
 CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest
 
-step "JavaScript suite (official socket.io-client; HAProxy affinity; the chat page in Chromium)"
-(cd tests/js && npm test && CHAT_MODE=embedded npm run test:contract)
+step "JavaScript suite (official socket.io-client, also embedded and on a Redis Cluster; HAProxy affinity; the chat page in Chromium)"
+(cd tests/js && npm test && CHAT_MODE=embedded npm run test:contract \
+  && CHAT_REDIS=cluster npm run test:contract)
 
 step "Python suite (official python-socketio), both modes"
 .venv/bin/python -m unittest discover -s tests/python -v

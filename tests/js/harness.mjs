@@ -1,6 +1,8 @@
 // Starts the real topology for the JavaScript suite: redis-server, SecantusDB, one
 // persister and two gateways (the workspace's debug binaries), each on a free port.
-import { spawn } from 'node:child_process';
+// CHAT_REDIS=cluster: a Redis Cluster of 3 masters and 3 replicas, and 3 persisters.
+import { execFile, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import net from 'node:net';
@@ -54,6 +56,38 @@ async function waitReady(adminPort, name, child, timeoutMs = 30000) {
 }
 
 export const EMBEDDED = process.env.CHAT_MODE === 'embedded';
+export const CLUSTER = process.env.CHAT_REDIS === 'cluster';
+
+/** Six cluster-enabled redis-server nodes joined as 3 masters and 3 replicas; the URL. */
+async function startCluster(start, dirs) {
+  const ports = [];
+  for (let i = 0; i < 6; i++) {
+    const port = await freePort();
+    const dir = mkdtempSync(path.join(tmpdir(), 'chat-js-redis-'));
+    dirs.push(dir);
+    const node = start(`redis${i}`, process.env.REDIS_SERVER || 'redis-server', [
+      '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+      '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--dir', dir,
+    ]);
+    await waitForPort(port, `redis${i}`, node);
+    ports.push(port);
+  }
+  await promisify(execFile)('redis-cli', [
+    '--cluster', 'create', ...ports.map((p) => `127.0.0.1:${p}`),
+    '--cluster-replicas', '1', '--cluster-yes',
+  ]);
+  // Every node sees the cluster as ok before anything connects.
+  const deadline = Date.now() + 30000;
+  for (const port of ports) {
+    for (;;) {
+      const { stdout } = await promisify(execFile)('redis-cli', ['-p', String(port), 'CLUSTER', 'INFO']);
+      if (stdout.includes('cluster_state:ok')) break;
+      if (Date.now() > deadline) throw new Error('the Redis Cluster did not become ok');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  return `redis-cluster://127.0.0.1:${ports[0]}?node=127.0.0.1:${ports[1]}&node=127.0.0.1:${ports[2]}`;
+}
 
 export async function startTopology() {
   const children = [];
@@ -66,25 +100,38 @@ export async function startTopology() {
     return child;
   };
   if (EMBEDDED) return startEmbedded(children, start);
-  const redisPort = await freePort();
-  const redis = start('redis', process.env.REDIS_SERVER || 'redis-server', [
-    '--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
-  ]);
+  const dirs = [];
+  let redisUrl;
+  let redisReady = Promise.resolve();
+  if (CLUSTER) {
+    redisUrl = await startCluster(start, dirs);
+  } else {
+    const redisPort = await freePort();
+    const redis = start('redis', process.env.REDIS_SERVER || 'redis-server', [
+      '--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+    ]);
+    redisUrl = `redis://127.0.0.1:${redisPort}`;
+    redisReady = waitForPort(redisPort, 'redis', redis);
+  }
   const mongoPort = await freePort();
   const mongo = start('secantusd', process.env.SECANTUSD || path.join(root, '.venv/bin/secantusd-py'), [
     '--host', '127.0.0.1', '--port', String(mongoPort), '--storage-path', ':memory:', '--log-level', 'WARNING',
   ]);
-  await Promise.all([waitForPort(redisPort, 'redis', redis), waitForPort(mongoPort, 'secantusd', mongo)]);
+  await Promise.all([redisReady, waitForPort(mongoPort, 'secantusd', mongo)]);
 
   const common = {
-    REDIS_URL: `redis://127.0.0.1:${redisPort}`,
+    REDIS_URL: redisUrl,
     REDIS_PREFIX: `js${process.pid}`,
     MONGODB_URI: `mongodb://127.0.0.1:${mongoPort}`,
     MONGODB_DB: `js${process.pid}`,
     HOST: '127.0.0.1',
   };
-  const persisterAdmin = await freePort();
-  const persister = start('persister', bin('persister'), [], { ...common, METRICS_PORT: String(persisterAdmin) });
+  // Three persisters on a cluster (every tier scaled out), one otherwise.
+  const persisters = [];
+  for (let i = 0; i < (CLUSTER ? 3 : 1); i++) {
+    const admin = await freePort();
+    persisters.push({ admin, child: start(`persister${i}`, bin('persister'), [], { ...common, METRICS_PORT: String(admin) }) });
+  }
   const gateways = [];
   for (let i = 0; i < 2; i++) {
     const port = await freePort();
@@ -95,13 +142,16 @@ export async function startTopology() {
     gateways.push({ port, admin, child, url: `http://127.0.0.1:${port}` });
   }
   await Promise.all([
-    waitReady(persisterAdmin, 'persister', persister),
+    ...persisters.map((p, i) => waitReady(p.admin, `persister${i}`, p.child)),
     ...gateways.map((g, i) => waitReady(g.admin, `gateway${i}`, g.child)),
   ]);
 
   return {
     gateways,
-    stop: () => stopAll(children),
+    async stop() {
+      await stopAll(children);
+      for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+    },
   };
 }
 
