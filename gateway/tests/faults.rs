@@ -482,3 +482,51 @@ async fn rolling_restart_of_every_gateway_and_persister_loses_nothing() {
         acked.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persisters_started_with_one_name_share_the_partitions_and_keep_the_order() {
+    let app = TestApp::spawn(2).await;
+    if app.skip_when_embedded("no persister processes") {
+        return;
+    }
+    app.persister_stop.cancel();
+    // Three processes, one name (as when PERSISTER_NAME is left to a shell's $HOSTNAME).
+    let mut persisters = Vec::new();
+    for _ in 0..3 {
+        persisters.push(app.persister_process("same", &[]).await);
+    }
+    eventually("the partitions are shared out 6/5/5", TIMEOUT, || async {
+        let mut owned = Vec::new();
+        for (_, admin) in &persisters {
+            owned.push(
+                metric(*admin, "chat_persister_partitions_owned")
+                    .await
+                    .unwrap_or(0.0),
+            );
+        }
+        owned.sort_by(f64::total_cmp);
+        owned == [5.0, 5.0, 6.0]
+    })
+    .await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+    let acks: Vec<_> = (0..200)
+        .map(|i| {
+            a.emit_with_ack(
+                "send_message",
+                vec![json!({ "roomId": room, "content": format!("m{i}") })],
+            )
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for ack in acks {
+        let ack = tokio::time::timeout(TIMEOUT, ack).await.unwrap().unwrap();
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+        ids.push(ack["id"].clone());
+    }
+    expect_in_order(&b, &ids).await;
+    drop(persisters);
+}

@@ -463,6 +463,18 @@ async fn a_retry_with_the_same_client_msg_id_creates_no_second_message() {
     let mut bb = SioClient::with_token(app.port(0), &bob).await;
     let other = bb.request("send_message", send.clone()).await;
     assert_ne!(other["id"], first["id"]);
+    // The same clientMsgId in another room is another message too.
+    let elsewhere = app.room(&ann, &[]).await;
+    let mut a3 = app.member(0, &ann, &[&elsewhere]).await;
+    let moved = a3
+        .request(
+            "send_message",
+            json!({ "roomId": elsewhere, "content": "once", "clientMsgId": "c-1" }),
+        )
+        .await;
+    assert_eq!(moved["ok"], json!(true));
+    assert_ne!(moved["id"], first["id"]);
+    assert_eq!(a3.next("message").await["id"], moved["id"]);
     // REST honours it too.
     let (_, rest) = app
         .call(

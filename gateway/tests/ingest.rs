@@ -1,0 +1,250 @@
+//! The Redis ingest against a real `redis-server`: the partition count check, the bound on
+//! a partition's backlog, leases with fencing tokens, and every change of read position
+//! (pending after a takeover, new entries, back to pending after a failed read).
+
+mod common;
+
+use common::TestApp;
+use common::servers::Redis;
+use serde_json::json;
+use shared::ObjectId;
+use shared::backplane::{
+    Appended, Backplane, BackplaneError, Ingest, IngestSettings, ReadPosition, RedisBackplane,
+    RedisIngest, group_by_room,
+};
+use shared::config::RedisSettings;
+use shared::wire::{ChatMessage, Sender, now_millis};
+use std::time::Duration;
+
+fn redis_settings(redis: &Redis, prefix: &str) -> RedisSettings {
+    RedisSettings {
+        url: Some(redis.url()),
+        prefix: prefix.to_owned(),
+        pubsub_capacity: 1024,
+    }
+}
+
+fn message(room: ObjectId, content: &str) -> ChatMessage {
+    ChatMessage {
+        id: ObjectId::new(),
+        room_id: room,
+        sender: Sender {
+            id: ObjectId::new(),
+            email: None,
+            display_name: None,
+        },
+        content: content.into(),
+        created_at: now_millis(),
+    }
+}
+
+fn ids(entries: &[shared::backplane::IngestEntry]) -> Vec<String> {
+    entries
+        .iter()
+        .map(|e| e.message.as_ref().unwrap().content.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_process_with_another_partition_count_refuses_to_start() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "count");
+    let sixteen = IngestSettings::default();
+    RedisIngest::connect(&settings, &sixteen, "p")
+        .await
+        .unwrap();
+    let eight = IngestSettings {
+        partitions: 8,
+        ..IngestSettings::default()
+    };
+    let Err(refused) = RedisBackplane::connect(&settings, &eight).await else {
+        panic!("a gateway with 8 partitions started against 16");
+    };
+    let text = refused.to_string();
+    assert!(
+        text.contains("INGEST_PARTITIONS is 8") && text.contains("holds 16"),
+        "{text}"
+    );
+    assert!(matches!(refused, BackplaneError::Config(_)));
+}
+
+#[tokio::test]
+async fn a_full_partition_refuses_appends_and_the_others_go_on() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "full");
+    let ingest = IngestSettings {
+        max_backlog: 3,
+        ..IngestSettings::default()
+    };
+    let backplane = RedisBackplane::connect(&settings, &ingest).await.unwrap();
+    let room = ObjectId::new();
+    for i in 0..3 {
+        let appended = backplane.append(&message(room, &i.to_string()), None).await;
+        assert_eq!(appended.unwrap(), Appended::New);
+    }
+    let full = backplane.append(&message(room, "3"), Some("u:r:c")).await;
+    let partition = backplane.keys().partition_of(&room);
+    assert!(
+        matches!(full, Err(BackplaneError::BacklogFull { partition: p, entries: 3 }) if p == partition),
+        "{full:?}"
+    );
+    // Nothing was remembered for the refused send: its retry can succeed later.
+    let other_room = (0..)
+        .map(|_| ObjectId::new())
+        .find(|r| backplane.keys().partition_of(r) != partition)
+        .unwrap();
+    assert_eq!(
+        backplane
+            .append(&message(other_room, "x"), None)
+            .await
+            .unwrap(),
+        Appended::New
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_partition_is_unavailable_to_senders() {
+    let mut app = TestApp::spawn(0).await;
+    if app.skip_when_embedded("no partitions") {
+        return;
+    }
+    // Nobody stores: the partition fills up.
+    app.persister_stop.cancel();
+    app.add_gateway_with(|s| s.ingest.max_backlog = 2).await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    for i in 0..2 {
+        let ack = a
+            .request(
+                "send_message",
+                json!({ "roomId": room, "content": format!("{i}") }),
+            )
+            .await;
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+    }
+    let refused = a
+        .request("send_message", json!({ "roomId": room, "content": "full" }))
+        .await;
+    assert_eq!(
+        refused,
+        json!({ "ok": false, "error": { "code": "UNAVAILABLE", "message": "service temporarily unavailable" } })
+    );
+}
+
+#[tokio::test]
+async fn leases_are_fenced_and_every_read_position_change_loses_and_repeats_nothing() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "lease");
+    let ingest = IngestSettings::default();
+    let backplane = RedisBackplane::connect(&settings, &ingest).await.unwrap();
+    let first = RedisIngest::connect(&settings, &ingest, "same")
+        .await
+        .unwrap();
+    let second = RedisIngest::connect(&settings, &ingest, "same")
+        .await
+        .unwrap();
+    assert_ne!(
+        first.instance(),
+        second.instance(),
+        "one name, two identities"
+    );
+
+    let room = ObjectId::new();
+    let partition = backplane.keys().partition_of(&room);
+    for i in 0..5 {
+        backplane
+            .append(&message(room, &format!("m{i}")), None)
+            .await
+            .unwrap();
+    }
+    let ttl = Duration::from_secs(30);
+    let lease = first.acquire(partition, ttl).await.unwrap().unwrap();
+    assert_eq!(second.acquire(partition, ttl).await.unwrap(), None);
+    assert!(first.renew(&lease, ttl).await.unwrap());
+    let owners = second.owners().await.unwrap();
+    assert_eq!(
+        owners[partition as usize].as_deref(),
+        Some(first.instance())
+    );
+
+    // A new holder starts with the pending entries (none), then reads new ones.
+    let mut position = ReadPosition::start();
+    let batch = first
+        .read(&lease, &mut position, 2, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(ids(&batch), ["m0", "m1"]);
+    assert!(matches!(
+        &position,
+        ReadPosition::New { last_read: Some(_) }
+    ));
+    // A read whose reply was lost: the holder re-reads what came after the last entry it
+    // received, from the pending list, then goes on with new entries.
+    let lost = first
+        .read(&lease, &mut position, 1, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(ids(&lost), ["m2"]);
+    let mut position = ReadPosition::New {
+        last_read: Some(batch[1].id.clone()),
+    };
+    position.after_failure();
+    let again = first
+        .read(&lease, &mut position, 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), ["m2"], "the entry whose reply was lost");
+    let new = first
+        .read(&lease, &mut position, 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(ids(&new), ["m3", "m4"]);
+    // m0 and m1 are completed (published and acknowledged); the rest stay pending.
+    let done: Vec<ChatMessage> = batch.iter().map(|e| e.message.clone().unwrap()).collect();
+    first
+        .complete(
+            &lease,
+            &group_by_room(&done),
+            &[batch[0].id.clone(), batch[1].id.clone()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.backlog(partition).await.unwrap(), 3);
+
+    // The lease passes to the other instance (as after an expiry); the first is fenced.
+    first.release(&lease).await.unwrap();
+    let taken = second.acquire(partition, ttl).await.unwrap().unwrap();
+    assert!(taken.token > lease.token, "fencing tokens grow");
+    assert!(!first.renew(&lease, ttl).await.unwrap());
+    let mut stale = ReadPosition::start();
+    assert!(matches!(
+        first.read(&lease, &mut stale, 10, Duration::ZERO).await,
+        Err(BackplaneError::Fenced(p)) if p == partition
+    ));
+    assert!(matches!(
+        first.complete(&lease, &[], &[new[0].id.clone()]).await,
+        Err(BackplaneError::Fenced(_))
+    ));
+    assert_eq!(
+        first.backlog(partition).await.unwrap(),
+        3,
+        "nothing acknowledged"
+    );
+    // The new holder gets what the first had read and not completed, in order, then waits
+    // for new entries.
+    let mut position = ReadPosition::start();
+    let pending = second
+        .read(&taken, &mut position, 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(ids(&pending), ["m2", "m3", "m4"]);
+    let waited = second
+        .read(&taken, &mut position, 10, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert!(waited.is_empty());
+    let ids: Vec<String> = pending.iter().map(|e| e.id.clone()).collect();
+    second.complete(&taken, &[], &ids).await.unwrap();
+    assert_eq!(second.backlog(partition).await.unwrap(), 0);
+}
