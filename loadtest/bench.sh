@@ -9,6 +9,7 @@
 # $SERVER_CPU (0), the load generator on core $LOAD_CPU (1), with taskset. All traffic is
 # on loopback and every process started here is stopped by PID at the end.
 #
+# ONLY=persist runs just the persist scenario (this project only).
 # Scale with env vars: FANOUT_SECONDS (10), MESSAGE_RATE (1000 messages/s in the `message`
 # fan-out), LATENCY_RATE (1000), LATENCY_SECONDS (10),
 # CONNECT_CLIENTS (10000), PERSIST_MESSAGES (20000), IDLE_CLIENTS (15000; one process may hold at most `ulimit -n`
@@ -100,6 +101,7 @@ start_ours() {
   done
   wait_http "http://127.0.0.1:$p_admin/readyz"
   metrics+=(--metrics "http://127.0.0.1:$p_admin")
+  persister_metrics=(--metrics "http://127.0.0.1:$p_admin")
   target=(--jwt-secret "$SECRET" --mongodb-uri "$MONGODB_URI" --mongodb-db bench)
   unset JWT_SECRET REDIS_URL MONGODB_URI MONGODB_DB
 }
@@ -157,10 +159,17 @@ scenarios() {
 
 side=gateway
 start_ours
-scenarios
-# The persister against the store's own batched insert rate (the peer stores nothing).
-run persist persist --messages "$PERSIST_MESSAGES"
+[ "${ONLY:-}" = persist ] || scenarios
+# The persister against the store's own batched insert rate (the peer stores nothing), with
+# the persister's metrics and pid only, so that the CPU and memory reported are its own.
+echo "==> $side: persist"
+load "${urls[@]}" "${persister_metrics[@]}" "${target[@]}" --pid "$persister_pid" \
+  --json "$out/$side-persist.json" persist --messages "$PERSIST_MESSAGES" >/dev/null
 stop_all
+if [ "${ONLY:-}" = persist ]; then
+  echo "results in $out"
+  exit 0
+fi
 
 side=node
 start_peer

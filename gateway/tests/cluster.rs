@@ -387,3 +387,82 @@ async fn a_dropped_pubsub_connection_is_resubscribed_on_a_single_redis() {
 async fn a_dropped_pubsub_connection_is_resubscribed_on_a_cluster() {
     a_dropped_pubsub_connection_is_resubscribed(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_channel_whose_slot_moves_to_another_shard_is_subscribed_there() {
+    let Some(mut app) = app_on(0, true).await else {
+        return;
+    };
+    app.gateway_process(&[]).await;
+    app.gateway_process(&[]).await;
+    let (_p, _) = app.persister_process("p1", &[]).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+    let channel = Keys::new(&app.prefix, 16).room_channel(&room.parse().unwrap());
+    app.wait_shard_numsub(&channel, 2).await;
+
+    // Move the slot of the room's partition (its stream, lease and channel) to another
+    // master, the way `redis-cli --cluster reshard` does.
+    let cluster = app.cluster.as_ref().unwrap();
+    let any = cluster.any_port();
+    let slot = redis_cli(any, &["CLUSTER", "KEYSLOT", &channel]).await;
+    let slot = slot.trim();
+    let from = cluster
+        .master_of(&channel)
+        .await
+        .expect("a master serves it");
+    let mut masters = Vec::new();
+    for node in &cluster.nodes {
+        let role = redis_cli(node.port, &["ROLE"]).await;
+        if role.starts_with("master") {
+            masters.push(node.port);
+        }
+    }
+    let to = *masters.iter().find(|&&p| p != from).unwrap();
+    let id = |port: u16| async move {
+        redis_cli(port, &["CLUSTER", "MYID"])
+            .await
+            .trim()
+            .to_owned()
+    };
+    let (from_id, to_id) = (id(from).await, id(to).await);
+    redis_cli(to, &["CLUSTER", "SETSLOT", slot, "IMPORTING", &from_id]).await;
+    redis_cli(from, &["CLUSTER", "SETSLOT", slot, "MIGRATING", &to_id]).await;
+    loop {
+        let keys = redis_cli(from, &["CLUSTER", "GETKEYSINSLOT", slot, "100"]).await;
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let port = to.to_string();
+        let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        args.extend(keys);
+        redis_cli(from, &args).await;
+    }
+    for port in std::iter::once(to).chain(masters.iter().copied().filter(|&p| p != to)) {
+        redis_cli(port, &["CLUSTER", "SETSLOT", slot, "NODE", &to_id]).await;
+    }
+    assert_eq!(cluster.master_of(&channel).await, Some(to));
+
+    // Redis drops the subscriptions on the old shard; the gateways subscribe on the new one.
+    common::servers::wait_shard_numsub(&[to], &channel, 2).await;
+    for gw in &app.gateways {
+        wait_ready(gw.admin_port).await;
+    }
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "moved" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    loop {
+        let m = b.next("message").await;
+        if m["id"] == ack["id"] {
+            break;
+        }
+    }
+}

@@ -4,7 +4,7 @@
 //! only the shard that owns its channel.
 
 use super::redis_ingest::IngestWriter;
-use super::redis_util::{builder, check_partitions};
+use super::redis_util::{builder, check_partitions, subscriber_builder};
 use super::{Appended, Backplane, BackplaneError, IngestSettings, Keys, RoomEventSink};
 use crate::config::RedisSettings;
 use crate::wire::{ChatMessage, RoomEvent};
@@ -60,7 +60,7 @@ impl RedisBackplane {
         sink: RoomEventSink,
     ) -> Result<Self, BackplaneError> {
         let mut backplane = Self::connect(settings, ingest).await?;
-        let subscriber = builder(settings)?.build_subscriber_client()?;
+        let subscriber = subscriber_builder(settings)?.build_subscriber_client()?;
         subscriber.init().await?;
         backplane.watch_subscriptions(&subscriber);
         subscriber

@@ -11,15 +11,34 @@ use std::time::Duration;
 /// Redis commands that do not answer within this time fail with `UNAVAILABLE`.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// A client builder for `REDIS_URL`: one node (`redis://`, `rediss://`) or a cluster
+/// Slots of each event channel (errors, reconnections, pub/sub messages…) of a client that
+/// subscribes to nothing: only connection events pass there. fred keeps several such
+/// channels per client, each slot sized for a pub/sub message, so the subscriber's large
+/// capacity (`REDIS_PUBSUB_CAPACITY`) on every client would cost tens of megabytes each.
+const COMMAND_CLIENT_EVENTS: usize = 16;
+
+/// A command client builder for `REDIS_URL`: one node (`redis://`, `rediss://`) or a cluster
 /// (`redis-cluster://host:port?node=host:port&…`), reconnecting forever.
 pub(super) fn builder(settings: &RedisSettings) -> Result<Builder, BackplaneError> {
+    builder_with_capacity(settings, COMMAND_CLIENT_EVENTS)
+}
+
+/// The builder of the subscriber: its pub/sub messages wait in a channel of
+/// `REDIS_PUBSUB_CAPACITY` slots for the fan-out.
+pub(super) fn subscriber_builder(settings: &RedisSettings) -> Result<Builder, BackplaneError> {
+    builder_with_capacity(settings, settings.pubsub_capacity)
+}
+
+fn builder_with_capacity(
+    settings: &RedisSettings,
+    events: usize,
+) -> Result<Builder, BackplaneError> {
     let config = Config::from_url(settings.url())
         .map_err(|e| BackplaneError::Config(format!("REDIS_URL is invalid: {}", e.details())))?;
     let mut builder = Builder::from_config(config);
     builder
         .with_performance_config(|p| {
-            p.broadcast_channel_capacity = settings.pubsub_capacity;
+            p.broadcast_channel_capacity = events;
             p.default_command_timeout = COMMAND_TIMEOUT;
         })
         .with_connection_config(|c| {

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Measures what one Redis core sustains for the backplane's own commands, for capacity
+# planning (docs/SCALING.md): the append script (backlog check + XADD, as a gateway runs
+# it), a plain XADD, and SPUBLISH of a one-message batch to two subscribed gateways.
+#
+#   loadtest/redis-rates.sh [REQUESTS]      (default 200000 per command)
+#
+# redis-server runs on core $SERVER_CPU (0) with appendonly yes / everysec, redis-benchmark
+# on core $LOAD_CPU (1), both on loopback; everything started here is stopped by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+requests=${1:-200000}
+SERVER_CPU=${SERVER_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+dir=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+taskset -c "$SERVER_CPU" redis-server --port "$port" --bind 127.0.0.1 --save "" \
+  --appendonly yes --appendfsync everysec --dir "$dir" --loglevel warning >/dev/null &
+pids+=($!)
+for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+
+# A message as the gateway appends it (about 250 bytes of JSON).
+message='{"id":"6560a0000000000000000004","roomId":"6560a0000000000000000002","sender":{"_id":"6560a0000000000000000003","email":"someone@example.com","displayName":"Someone"},"content":"a chat message of a typical length, some fifty characters","createdAt":"2026-11-27T10:00:00.123Z"}'
+sha=$(redis-cli -p "$port" SCRIPT LOAD "$(cat shared/src/backplane/scripts/append.lua)")
+batch="{\"type\":\"messages\",\"data\":{\"roomId\":\"6560a0000000000000000002\",\"messages\":[$message]}}"
+
+# Two subscribers, as two gateways with members in the room.
+for _ in 1 2; do
+  redis-cli -p "$port" SSUBSCRIBE '{chat:ingest:3}:room:6560a0000000000000000002' >/dev/null &
+  pids+=($!)
+done
+sleep 0.5
+
+bench() {
+  taskset -c "$LOAD_CPU" redis-benchmark -p "$port" -c 50 -P 16 -n "$requests" -q "$@" \
+    | tr '\r' '\n' | grep -o '[0-9.]* requests per second' | tail -1
+}
+echo "append script (EVALSHA append.lua: XLEN + XADD): $(bench EVALSHA "$sha" 1 '{chat:ingest:3}:stream' "$message" 1000000000 x 60)"
+redis-cli -p "$port" DEL '{chat:ingest:3}:stream' >/dev/null
+echo "plain XADD: $(bench XADD '{chat:ingest:4}:stream' '*' m "$message")"
+echo "SPUBLISH to 2 subscribers: $(bench SPUBLISH '{chat:ingest:3}:room:6560a0000000000000000002' "$batch")"
+echo "redis-server $(redis-server --version | awk '{print $3}'), $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
