@@ -8,26 +8,10 @@ mod common;
 
 use common::servers::redis_cli;
 use common::sio::{SioClient, TIMEOUT};
-use common::{TestApp, metric, wait_ready};
+use common::{TestApp, eventually, history, metric, receive_until, wait_ready};
 use serde_json::{Value, json};
 use shared::backplane::Keys;
 use std::time::{Duration, Instant};
-
-/// Waits until `check` holds, polling; panics after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what} not true within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 /// A test app on a Redis Cluster (or a single Redis), whatever `CHAT_TEST_REDIS` says,
 /// with its in-process persisters stopped: the tests run persister processes they can kill.
@@ -38,27 +22,6 @@ async fn app_on(gateways: usize, cluster: bool) -> Option<TestApp> {
     }
     app.persister_stop.cancel();
     Some(app)
-}
-
-/// Every message of a room, oldest first, through the REST history.
-async fn history(app: &TestApp, token: &str, room: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut before: Option<String> = None;
-    loop {
-        let mut path = format!("/chat/rooms/{room}/messages?limit=100");
-        if let Some(b) = &before {
-            path.push_str(&format!("&before={b}"));
-        }
-        let (_, page) = app.call("GET", &path, Some(token), None).await;
-        let page = page.as_array().unwrap().clone();
-        if page.is_empty() {
-            break;
-        }
-        before = page.last().unwrap()["id"].as_str().map(str::to_owned);
-        all.extend(page);
-    }
-    all.reverse();
-    all
 }
 
 /// The ids of a room's stored messages, oldest first, once there are at least `expected`
@@ -311,12 +274,7 @@ async fn a_master_killed_mid_flow_loses_no_acknowledged_message() {
     let last = a
         .request("send_message", json!({ "roomId": room, "content": "live" }))
         .await;
-    loop {
-        let m = b.next("message").await;
-        if m["id"] == last["id"] {
-            break;
-        }
-    }
+    receive_until(&b, &last["id"]).await;
 }
 
 /// Redis drops subscribers that fall behind (`client-output-buffer-limit pubsub`); here
@@ -370,12 +328,7 @@ async fn a_dropped_pubsub_connection_is_resubscribed(cluster: bool) {
             json!({ "roomId": room, "content": "after" }),
         )
         .await;
-    loop {
-        let m = b.next("message").await;
-        if m["id"] == ack["id"] {
-            break;
-        }
-    }
+    receive_until(&b, &ack["id"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,10 +412,5 @@ async fn a_room_channel_whose_slot_moves_to_another_shard_is_subscribed_there() 
         )
         .await;
     assert_eq!(ack["ok"], json!(true), "{ack}");
-    loop {
-        let m = b.next("message").await;
-        if m["id"] == ack["id"] {
-            break;
-        }
-    }
+    receive_until(&b, &ack["id"]).await;
 }

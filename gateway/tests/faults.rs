@@ -5,47 +5,10 @@ mod common;
 
 use common::procs::ChaosProxy;
 use common::sio::{SioClient, TIMEOUT};
-use common::{TestApp, metric, wait_ready};
+use common::{TestApp, eventually, history, metric, send_quickly, wait_ready};
 use serde_json::{Value, json};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Waits until `check` holds, polling; panics after `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what} not true within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-/// Every message of a room, oldest first, through the REST history.
-async fn history(app: &TestApp, token: &str, room: &str) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut before: Option<String> = None;
-    loop {
-        let mut path = format!("/chat/rooms/{room}/messages?limit=100");
-        if let Some(b) = &before {
-            path.push_str(&format!("&before={b}"));
-        }
-        let (_, page) = app.call("GET", &path, Some(token), None).await;
-        let page = page.as_array().unwrap().clone();
-        if page.is_empty() {
-            break;
-        }
-        before = page.last().unwrap()["id"].as_str().map(str::to_owned);
-        all.extend(page);
-    }
-    all.reverse();
-    all
-}
 
 /// Receives `ids.len()` messages and checks they are exactly `ids`, in order.
 async fn expect_in_order(client: &SioClient, ids: &[Value]) {
@@ -513,20 +476,7 @@ async fn persisters_started_with_one_name_share_the_partitions_and_keep_the_orde
     let room = app.room(&ann, &[&bob_id]).await;
     let mut a = app.member(0, &ann, &[]).await;
     let b = app.member(1, &bob, &[&room]).await;
-    let acks: Vec<_> = (0..200)
-        .map(|i| {
-            a.emit_with_ack(
-                "send_message",
-                vec![json!({ "roomId": room, "content": format!("m{i}") })],
-            )
-        })
-        .collect();
-    let mut ids = Vec::new();
-    for ack in acks {
-        let ack = tokio::time::timeout(TIMEOUT, ack).await.unwrap().unwrap();
-        assert_eq!(ack["ok"], json!(true), "{ack}");
-        ids.push(ack["id"].clone());
-    }
+    let ids = send_quickly(&mut a, &room, 200).await;
     expect_in_order(&b, &ids).await;
     drop(persisters);
 }

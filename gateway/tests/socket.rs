@@ -272,23 +272,7 @@ async fn two_hundred_quick_messages_arrive_complete_and_in_order() {
     let b = app.member(1, &bob, &[&room]).await;
 
     // All emitted before any ack is awaited.
-    let acks: Vec<_> = (0..200)
-        .map(|i| {
-            a.emit_with_ack(
-                "send_message",
-                vec![json!({ "roomId": room, "content": format!("m{i}") })],
-            )
-        })
-        .collect();
-    let mut ids = Vec::new();
-    for ack in acks {
-        let ack = tokio::time::timeout(common::sio::TIMEOUT, ack)
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(ack["ok"], json!(true), "{ack}");
-        ids.push(ack["id"].clone());
-    }
+    let ids = common::send_quickly(&mut a, &room, 200).await;
     for (i, id) in ids.iter().enumerate() {
         let m = b.next("message").await;
         assert_eq!(m["content"], json!(format!("m{i}")));

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use servers::{Mongo, Redis, RedisCluster};
 use sio::SioClient;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub const JWT_SECRET: &str = "integration-test-secret";
@@ -468,4 +469,73 @@ pub async fn metric(admin_port: u16, name: &str) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until `check` holds, polling; panics after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not true within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Every message of a room, oldest first, through the REST history.
+pub async fn history(app: &TestApp, token: &str, room: &str) -> Vec<Value> {
+    let mut all = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut path = format!("/chat/rooms/{room}/messages?limit=100");
+        if let Some(b) = &before {
+            path.push_str(&format!("&before={b}"));
+        }
+        let (_, page) = app.call("GET", &path, Some(token), None).await;
+        let page = page.as_array().unwrap().clone();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().unwrap()["id"].as_str().map(str::to_owned);
+        all.extend(page);
+    }
+    all.reverse();
+    all
+}
+
+/// Sends `n` messages (`m0`, `m1`, …) to `room`, all emitted before any ack is awaited;
+/// returns their ids in order.
+pub async fn send_quickly(client: &mut SioClient, room: &str, n: usize) -> Vec<Value> {
+    let acks: Vec<_> = (0..n)
+        .map(|i| {
+            client.emit_with_ack(
+                "send_message",
+                vec![json!({ "roomId": room, "content": format!("m{i}") })],
+            )
+        })
+        .collect();
+    let mut ids = Vec::with_capacity(n);
+    for ack in acks {
+        let ack = tokio::time::timeout(sio::TIMEOUT, ack)
+            .await
+            .expect("acknowledged in time")
+            .expect("connection open");
+        assert_eq!(ack["ok"], json!(true), "{ack}");
+        ids.push(ack["id"].clone());
+    }
+    ids
+}
+
+/// Receives `message` events until the one with `id`, skipping earlier ones.
+pub async fn receive_until(client: &SioClient, id: &Value) {
+    loop {
+        if &client.next("message").await["id"] == id {
+            return;
+        }
+    }
 }

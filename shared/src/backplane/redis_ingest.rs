@@ -8,7 +8,9 @@
 //!   lost a partition (paused, cut off, or too slow to renew) can neither take entries nor
 //!   publish or acknowledge them.
 
-use super::redis_util::{COMMAND_TIMEOUT, SCRIPTS, builder, check_partitions, wait_for_replicas};
+use super::redis_util::{
+    COMMAND_TIMEOUT, SCRIPTS, connect_checked, connect_client, wait_for_replicas,
+};
 use super::{
     Appended, BackplaneError, Ingest, IngestEntry, IngestSettings, Keys, Lease, ReadPosition,
 };
@@ -43,8 +45,7 @@ impl IngestWriter {
         ingest: &IngestSettings,
         keys: Keys,
     ) -> Result<Self, BackplaneError> {
-        let client = builder(settings)?.build()?;
-        client.init().await?;
+        let client = connect_client(settings).await?;
         Ok(Self {
             keys,
             client,
@@ -143,9 +144,7 @@ impl RedisIngest {
         name: &str,
     ) -> Result<Self, BackplaneError> {
         let keys = Keys::new(&settings.prefix, ingest.partitions);
-        let commands = builder(settings)?.build()?;
-        commands.init().await?;
-        check_partitions(&commands, &keys).await?;
+        let commands = connect_checked(settings, &keys).await?;
         Ok(Self {
             settings: settings.clone(),
             keys,
@@ -169,8 +168,7 @@ impl RedisIngest {
         if let Some(client) = lock(&self.readers).get(&partition) {
             return Ok(client.clone());
         }
-        let client = builder(&self.settings)?.build()?;
-        client.init().await?;
+        let client = connect_client(&self.settings).await?;
         lock(&self.readers).insert(partition, client.clone());
         Ok(client)
     }

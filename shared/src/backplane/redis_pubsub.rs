@@ -4,7 +4,7 @@
 //! only the shard that owns its channel.
 
 use super::redis_ingest::IngestWriter;
-use super::redis_util::{builder, check_partitions, subscriber_builder};
+use super::redis_util::{connect_checked, subscriber_builder};
 use super::{Appended, Backplane, BackplaneError, IngestSettings, Keys, RoomEventSink};
 use crate::config::RedisSettings;
 use crate::wire::{ChatMessage, RoomEvent};
@@ -40,9 +40,7 @@ impl RedisBackplane {
         ingest: &IngestSettings,
     ) -> Result<Self, BackplaneError> {
         let keys = Keys::new(&settings.prefix, ingest.partitions);
-        let commands = builder(settings)?.build()?;
-        commands.init().await?;
-        check_partitions(&commands, &keys).await?;
+        let commands = connect_checked(settings, &keys).await?;
         Ok(Self {
             ingest: IngestWriter::connect(settings, ingest, keys.clone()).await?,
             keys,

@@ -19,7 +19,7 @@ const COMMAND_CLIENT_EVENTS: usize = 16;
 
 /// A command client builder for `REDIS_URL`: one node (`redis://`, `rediss://`) or a cluster
 /// (`redis-cluster://host:port?node=host:port&…`), reconnecting forever.
-pub(super) fn builder(settings: &RedisSettings) -> Result<Builder, BackplaneError> {
+fn builder(settings: &RedisSettings) -> Result<Builder, BackplaneError> {
     builder_with_capacity(settings, COMMAND_CLIENT_EVENTS)
 }
 
@@ -82,9 +82,19 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     count: Script::from_lua(include_str!("scripts/count.lua")),
 });
 
+/// A connected command client, after checking that Redis holds `keys`' partition count.
+pub(super) async fn connect_checked(
+    settings: &RedisSettings,
+    keys: &Keys,
+) -> Result<Client, BackplaneError> {
+    let client = connect_client(settings).await?;
+    check_partitions(&client, keys).await?;
+    Ok(client)
+}
+
 /// Records the partition count on first use and refuses a process configured with another
 /// one: rooms would map to other partitions, and their order would break.
-pub(super) async fn check_partitions(client: &Client, keys: &Keys) -> Result<(), BackplaneError> {
+async fn check_partitions(client: &Client, keys: &Keys) -> Result<(), BackplaneError> {
     let record = keys.partitions_record();
     let _: Option<String> = client
         .set(
