@@ -17,7 +17,7 @@ pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// capacity (`REDIS_PUBSUB_CAPACITY`) on every client would cost tens of megabytes each.
 const COMMAND_CLIENT_EVENTS: usize = 16;
 
-/// A command client builder for `REDIS_URL`: one node (`redis://`, `rediss://`) or a cluster
+/// A command client builder for `REDIS_URL`: one node (`redis://`) or a cluster
 /// (`redis-cluster://host:port?node=host:port&…`), reconnecting forever.
 fn builder(settings: &RedisSettings) -> Result<Builder, BackplaneError> {
     builder_with_capacity(settings, COMMAND_CLIENT_EVENTS)
@@ -33,6 +33,14 @@ fn builder_with_capacity(
     settings: &RedisSettings,
     events: usize,
 ) -> Result<Builder, BackplaneError> {
+    // Without one of its TLS features the client library would connect in plain text to a
+    // `rediss://` URL (with a warning): refuse it rather than drop the encryption asked for.
+    let scheme = settings.url().split("://").next().unwrap_or_default();
+    if scheme.starts_with("rediss") || scheme.starts_with("valkeys") {
+        return Err(BackplaneError::Config(format!(
+            "REDIS_URL asks for TLS ({scheme}://), which this build does not support; use redis:// or redis-cluster://"
+        )));
+    }
     let config = Config::from_url(settings.url())
         .map_err(|e| BackplaneError::Config(format!("REDIS_URL is invalid: {}", e.details())))?;
     let mut builder = Builder::from_config(config);
@@ -167,4 +175,34 @@ pub(crate) async fn count_script(
             vec![window.as_millis().to_string()],
         )
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(url: &str) -> RedisSettings {
+        RedisSettings {
+            url: Some(url.to_owned()),
+            prefix: "chat".into(),
+            pubsub_capacity: 16,
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_at_start() {
+        assert!(builder(&settings("redis://127.0.0.1:6379")).is_ok());
+        assert!(
+            builder(&settings(
+                "redis-cluster://127.0.0.1:7000?node=127.0.0.1:7001"
+            ))
+            .is_ok()
+        );
+        for tls in ["rediss://h:6379", "rediss-cluster://h:7000"] {
+            let Err(BackplaneError::Config(why)) = builder(&settings(tls)) else {
+                panic!("{tls} accepted");
+            };
+            assert!(why.contains("TLS"), "{why}");
+        }
+    }
 }
