@@ -40,6 +40,8 @@ pub struct Application {
     embedded: Option<Embedded>,
     web_ui: bool,
     batch_size: usize,
+    /// Closed after everything else has stopped.
+    store: Arc<dyn Store>,
 }
 
 /// The parts of the embedded mode that run beside the gateway: the persister's loop over
@@ -228,8 +230,9 @@ impl Application {
         }
         let api_router = api_router.layer(layer);
         let ready_drain = drain_state.clone();
+        let ready_store = store.clone();
         let admin_router = shared::admin::router(Arc::new(move || {
-            let store = store.clone();
+            let store = ready_store.clone();
             let backplane = backplane.clone();
             let draining = ready_drain.is_draining();
             Box::pin(async move {
@@ -273,6 +276,7 @@ impl Application {
             embedded,
             web_ui: !settings.no_web_ui,
             batch_size: settings.batch_size,
+            store,
         })
     }
 
@@ -392,6 +396,7 @@ impl Application {
             persister_stop.cancel();
             let _ = persister.await;
         }
+        self.store.close().await;
         tracing::info!("gateway stopped");
         Ok(())
     }

@@ -171,6 +171,7 @@ impl Application {
         persister.run().await;
         sampler.abort();
         admin.abort();
+        self.store.close().await;
         tracing::info!("persister stopped");
         Ok(())
     }

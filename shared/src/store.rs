@@ -133,6 +133,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<ChatMessage>, StoreError>;
 
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Releases connections at shutdown, after the last use.
+    async fn close(&self) {}
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -523,6 +526,18 @@ impl Store for MongoStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.db.run_command(doc! { "ping": 1 }).await?;
         Ok(())
+    }
+
+    /// Shuts the driver down explicitly. Left to `Drop`, it ends its sessions from a task it
+    /// spawns while the runtime is stopping, and panics when the pool is already gone.
+    async fn close(&self) {
+        let shutdown = self.db.client().clone().shutdown().immediate(true);
+        if tokio::time::timeout(Duration::from_secs(5), shutdown)
+            .await
+            .is_err()
+        {
+            tracing::warn!("MongoDB client did not shut down within 5 s");
+        }
     }
 }
 
