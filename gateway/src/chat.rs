@@ -3,7 +3,7 @@
 
 use crate::error::ChatError;
 use shared::ObjectId;
-use shared::backplane::{Appended, Backplane};
+use shared::backplane::{Appended, Backplane, BackplaneError};
 use shared::domain::{ClientMsgId, MessageContent};
 use shared::jwt::{AuthUser, JwtKeys};
 use shared::store::{Room, Store};
@@ -54,17 +54,34 @@ impl Chat {
             },
             content: content.into_inner(),
             created_at: now_millis(),
+            seq: None,
         };
         let started = std::time::Instant::now();
         // Scoped per sender and room: the same client id in another room is another message.
         let key =
             client_msg_id.map(|c| format!("{}:{}:{}", user.id.to_hex(), room.to_hex(), c.as_str()));
-        if let Appended::Duplicate { id, created_at } =
-            self.backplane.append(&message, key.as_deref()).await?
-        {
-            metrics::counter!("chat_gateway_duplicate_sends_total").increment(1);
-            message.id = id;
-            message.created_at = created_at;
+        let appended = match self.backplane.append(&message, key.as_deref()).await {
+            // The room's counter is not in Redis (its first message there, or Redis lost its
+            // data): continue from the highest number stored, then append again.
+            Err(BackplaneError::SeqUnknown(room)) => {
+                let latest = self.store.latest_seq(room).await?;
+                self.backplane.seed_seq(room, latest).await?;
+                self.backplane.append(&message, key.as_deref()).await?
+            }
+            other => other?,
+        };
+        match appended {
+            Appended::New { seq } => message.seq = Some(seq),
+            Appended::Duplicate {
+                id,
+                created_at,
+                seq,
+            } => {
+                metrics::counter!("chat_gateway_duplicate_sends_total").increment(1);
+                message.id = id;
+                message.created_at = created_at;
+                message.seq = Some(seq);
+            }
         }
         metrics::histogram!("chat_gateway_ingest_append_seconds")
             .record(started.elapsed().as_secs_f64());

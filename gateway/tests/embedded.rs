@@ -150,7 +150,18 @@ async fn data_and_the_generated_secret_survive_a_restart() {
     let history = history.as_array().unwrap();
     assert_eq!(history.len(), 100);
     assert_eq!(history[0]["content"], json!("last"));
+    assert_eq!(history[0]["seq"], json!(101));
     assert_eq!(history[99]["content"], json!("m1"));
+    // Numbering goes on from the stored messages after the restart.
+    let (status, next) = second
+        .post(
+            &format!("/chat/rooms/{room}/messages"),
+            Some(&token),
+            json!({ "content": "after the restart" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{next}");
+    assert_eq!(next["seq"], json!(102));
     let (status, _) = second
         .post(
             "/auth/login",

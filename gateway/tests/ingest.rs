@@ -35,6 +35,7 @@ fn message(room: ObjectId, content: &str) -> ChatMessage {
         },
         content: content.into(),
         created_at: now_millis(),
+        seq: None,
     }
 }
 
@@ -78,9 +79,10 @@ async fn a_full_partition_refuses_appends_and_the_others_go_on() {
     };
     let backplane = RedisBackplane::connect(&settings, &ingest).await.unwrap();
     let room = ObjectId::new();
+    backplane.seed_seq(room, 0).await.unwrap();
     for i in 0..3 {
         let appended = backplane.append(&message(room, &i.to_string()), None).await;
-        assert_eq!(appended.unwrap(), Appended::New);
+        assert_eq!(appended.unwrap(), Appended::New { seq: i + 1 });
     }
     let full = backplane.append(&message(room, "3"), Some("u:r:c")).await;
     let partition = backplane.keys().partition_of(&room);
@@ -93,12 +95,13 @@ async fn a_full_partition_refuses_appends_and_the_others_go_on() {
         .map(|_| ObjectId::new())
         .find(|r| backplane.keys().partition_of(r) != partition)
         .unwrap();
+    backplane.seed_seq(other_room, 0).await.unwrap();
     assert_eq!(
         backplane
             .append(&message(other_room, "x"), None)
             .await
             .unwrap(),
-        Appended::New
+        Appended::New { seq: 1 }
     );
 }
 
@@ -152,6 +155,7 @@ async fn leases_are_fenced_and_every_read_position_change_loses_and_repeats_noth
 
     let room = ObjectId::new();
     let partition = backplane.keys().partition_of(&room);
+    backplane.seed_seq(room, 0).await.unwrap();
     for i in 0..5 {
         backplane
             .append(&message(room, &format!("m{i}")), None)
@@ -175,6 +179,11 @@ async fn leases_are_fenced_and_every_read_position_change_loses_and_repeats_noth
         .await
         .unwrap();
     assert_eq!(ids(&batch), ["m0", "m1"]);
+    let seqs: Vec<Option<u64>> = batch
+        .iter()
+        .map(|e| e.message.as_ref().unwrap().seq)
+        .collect();
+    assert_eq!(seqs, [Some(1), Some(2)], "entries carry their room numbers");
     assert!(matches!(
         &position,
         ReadPosition::New { last_read: Some(_) }
@@ -247,4 +256,62 @@ async fn leases_are_fenced_and_every_read_position_change_loses_and_repeats_noth
     let ids: Vec<String> = pending.iter().map(|e| e.id.clone()).collect();
     second.complete(&taken, &[], &ids).await.unwrap();
     assert_eq!(second.backlog(partition).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn room_numbers_continue_from_the_store_when_redis_has_no_counter() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "seq");
+    let backplane = RedisBackplane::connect(&settings, &IngestSettings::default())
+        .await
+        .unwrap();
+    let room = ObjectId::new();
+    let counters = backplane
+        .keys()
+        .ingest_seq(backplane.keys().partition_of(&room));
+    // No counter yet: nothing is appended, and the caller is told to seed it.
+    assert!(matches!(
+        backplane.append(&message(room, "a"), Some("u:r:1")).await,
+        Err(BackplaneError::SeqUnknown(r)) if r == room
+    ));
+    assert_eq!(
+        redis
+            .cli(&[
+                "XLEN",
+                &backplane
+                    .keys()
+                    .ingest_stream(backplane.keys().partition_of(&room))
+            ])
+            .await
+            .trim(),
+        "0"
+    );
+    backplane.seed_seq(room, 10).await.unwrap();
+    assert_eq!(
+        backplane
+            .append(&message(room, "a"), Some("u:r:1"))
+            .await
+            .unwrap(),
+        Appended::New { seq: 11 }
+    );
+    // A retry keeps its number; a later seed does not move the counter back.
+    assert!(matches!(
+        backplane
+            .append(&message(room, "a"), Some("u:r:1"))
+            .await
+            .unwrap(),
+        Appended::Duplicate { seq: 11, .. }
+    ));
+    backplane.seed_seq(room, 3).await.unwrap();
+    assert_eq!(
+        backplane.append(&message(room, "b"), None).await.unwrap(),
+        Appended::New { seq: 12 }
+    );
+    // Redis loses the counter (restarted without its data): the next send is refused
+    // until it is seeded again.
+    redis.cli(&["DEL", &counters]).await;
+    assert!(matches!(
+        backplane.append(&message(room, "c"), None).await,
+        Err(BackplaneError::SeqUnknown(_))
+    ));
 }

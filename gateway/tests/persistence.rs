@@ -60,6 +60,7 @@ async fn store_insert_is_idempotent_by_message_id() {
         },
         content: content.into(),
         created_at: now_millis(),
+        seq: None,
     };
     // Sequence numbers, not ids, give the order (ids from several gateways interleave).
     let seq = |n: i64, m: ChatMessage| SequencedMessage { seq: n, message: m };
@@ -72,7 +73,24 @@ async fn store_insert_is_idempotent_by_message_id() {
     let stored = store.messages(room, None, 100).await.unwrap();
     let contents: Vec<&str> = stored.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(contents, vec!["c", "b", "a"]);
-    assert_eq!(stored[2], first[0].message);
+    // Read back with its sequence number.
+    assert_eq!(
+        stored[2],
+        ChatMessage {
+            seq: Some(1),
+            ..first[0].message.clone()
+        }
+    );
+    assert_eq!(store.latest_seq(room).await.unwrap(), 3);
+    assert_eq!(store.latest_seq(ObjectId::new()).await.unwrap(), 0);
+    let after: Vec<String> = store
+        .messages_after(room, 1, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(after, ["b", "c"], "oldest first");
     let older = store.messages(room, Some(stored[0].id), 100).await.unwrap();
     assert_eq!(
         older.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(),

@@ -349,6 +349,8 @@ async fn messages_history_and_rest_posts_reach_sockets() {
         assert_eq!(msg["roomId"], json!(room));
         assert_eq!(msg["sender"]["_id"], json!(ann_id));
         assert_eq!(msg["content"], json!(format!("m{i}")));
+        // Numbered in the room from 1, without gaps.
+        assert_eq!(msg["seq"], json!(i + 1));
         // Delivered to sockets exactly as the REST answer.
         assert_eq!(b.next("message").await, msg);
         sent.push(msg);
@@ -385,7 +387,36 @@ async fn messages_history_and_rest_posts_reach_sockets() {
         "limit is capped, not refused"
     );
 
-    for bad in ["limit=0", "limit=-1", "limit=abc", "before=xyz"] {
+    // Catching up: what came after a sequence number, oldest first.
+    let (status, page) = app
+        .call(
+            "GET",
+            &format!("{path}?afterSeq=2&limit=3"),
+            Some(&bob),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page, json!([sent[2], sent[3], sent[4]]));
+    let (_, page) = app
+        .call("GET", &format!("{path}?afterSeq=5"), Some(&bob), None)
+        .await;
+    assert_eq!(page, json!([sent[5], sent[6]]));
+    let (_, page) = app
+        .call("GET", &format!("{path}?afterSeq=7"), Some(&bob), None)
+        .await;
+    assert_eq!(page, json!([]));
+
+    let both = format!("before={}&afterSeq=1", sent[1]["id"].as_str().unwrap());
+    for bad in [
+        "limit=0",
+        "limit=-1",
+        "limit=abc",
+        "before=xyz",
+        "afterSeq=-1",
+        "afterSeq=x",
+        both.as_str(),
+    ] {
         let (status, body) = app
             .call("GET", &format!("{path}?{bad}"), Some(&bob), None)
             .await;

@@ -124,6 +124,8 @@ async fn message_reaches_members_on_both_gateways_exactly_once() {
         "sender": { "_id": ann_id, "email": a_email(&app, &ann).await, "displayName": "ann" },
         "content": "hello 👋",
         "createdAt": created_at,
+        // The first message of the room.
+        "seq": 1,
     });
     for client in [&a, &a2, &b] {
         assert_eq!(client.next("message").await, expected);
@@ -277,6 +279,7 @@ async fn two_hundred_quick_messages_arrive_complete_and_in_order() {
         let m = b.next("message").await;
         assert_eq!(m["content"], json!(format!("m{i}")));
         assert_eq!(&m["id"], id);
+        assert_eq!(m["seq"], json!(i + 1), "contiguous room numbers");
     }
     let (_, history) = app
         .call(

@@ -889,6 +889,7 @@ async fn persist(
                 sender: sender.clone(),
                 content: format!("persist {i}"),
                 created_at: shared::wire::now_millis(),
+                seq: None,
             },
         })
         .collect();

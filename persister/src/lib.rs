@@ -588,10 +588,13 @@ impl Shared {
         let mut messages: Vec<SequencedMessage> = Vec::with_capacity(entries.len());
         for entry in entries {
             let decoded = entry.message.and_then(|m| {
-                Ok(SequencedMessage {
-                    seq: stream_seq(&entry.id).ok_or("malformed entry id")?,
-                    message: m,
-                })
+                // Entries of gateways older than room sequence numbers sort by their place
+                // in the stream.
+                let seq = match m.seq {
+                    Some(seq) => i64::try_from(seq).map_err(|_| "sequence number too large")?,
+                    None => stream_seq(&entry.id).ok_or("malformed entry id")?,
+                };
+                Ok(SequencedMessage { seq, message: m })
             });
             match decoded {
                 Ok(m) => messages.push(m),
@@ -746,6 +749,7 @@ mod tests {
             },
             content: content.into(),
             created_at: now_millis(),
+            seq: None,
         }
     }
 
@@ -816,6 +820,17 @@ mod tests {
         ) -> Result<Vec<ChatMessage>, StoreError> {
             unimplemented!()
         }
+        async fn messages_after(
+            &self,
+            _: ObjectId,
+            _: u64,
+            _: u32,
+        ) -> Result<Vec<ChatMessage>, StoreError> {
+            unimplemented!()
+        }
+        async fn latest_seq(&self, _: ObjectId) -> Result<u64, StoreError> {
+            unimplemented!()
+        }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }
@@ -834,6 +849,7 @@ mod tests {
         };
         let memory = Arc::new(MemoryBackplane::new(sink));
         memory.subscribe(room).await.unwrap();
+        memory.seed_seq(room, 0).await.unwrap();
         (memory, published)
     }
 
@@ -864,9 +880,11 @@ mod tests {
     async fn a_batch_is_published_and_acknowledged_only_after_it_was_stored() {
         let room = ObjectId::new();
         let (memory, published) = ingest(room).await;
-        let (a, b) = (message(room, "a"), message(room, "b"));
+        let (mut a, mut b) = (message(room, "a"), message(room, "b"));
         memory.append(&a, None).await.unwrap();
         memory.append(&b, None).await.unwrap();
+        // Numbered in their room when appended, and stored and published with the numbers.
+        (a.seq, b.seq) = (Some(1), Some(2));
         let store = Arc::new(FlakyStore {
             failures: AtomicUsize::new(3),
             ..Default::default()

@@ -152,6 +152,7 @@ fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
         },
         content: r.get(5)?,
         created_at: time(r.get(6)?),
+        seq: u64::try_from(r.get::<_, i64>(7)?).ok(),
     })
 }
 
@@ -366,7 +367,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ChatMessage>, StoreError> {
         self.with(move |c| {
             const COLUMNS: &str =
-                "id, room_id, sender_id, sender_email, sender_name, content, created_at";
+                "id, room_id, sender_id, sender_email, sender_name, content, created_at, seq";
             let room_hex = room.to_hex();
             let anchor: Option<i64> = match before {
                 Some(b) => c
@@ -407,6 +408,38 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn messages_after(
+        &self,
+        room: ObjectId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        self.with(move |c| {
+            let mut s = c.prepare_cached(
+                "SELECT id, room_id, sender_id, sender_email, sender_name, content, created_at, seq \
+                 FROM messages WHERE room_id = ?1 AND seq > ?2 ORDER BY seq ASC, id ASC LIMIT ?3",
+            )?;
+            let rows = s
+                .query_map(params![room.to_hex(), after, limit], message_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn latest_seq(&self, room: ObjectId) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let latest: Option<i64> = c.query_row(
+                "SELECT MAX(seq) FROM messages WHERE room_id = ?1",
+                params![room.to_hex()],
+                |r| r.get(0),
+            )?;
+            Ok(latest.and_then(|s| u64::try_from(s).ok()).unwrap_or(0))
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| {
             c.query_row("SELECT 1", [], |_| Ok(()))?;
@@ -431,6 +464,7 @@ mod tests {
             },
             content: content.into(),
             created_at: crate::wire::now_millis(),
+            seq: None,
         }
     }
 

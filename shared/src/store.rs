@@ -55,9 +55,10 @@ impl Room {
     }
 }
 
-/// A message with its place in the canonical order: the position of its ingest stream
-/// entry (see [`crate::backplane::stream_seq`]). History is sorted by it, so every reader
-/// sees messages in the order they were accepted, whichever gateway accepted them.
+/// A message with its place in the canonical order: its room sequence number (or, for an
+/// entry appended without one by an older gateway, the position of its ingest stream entry,
+/// see [`crate::backplane::stream_seq`]). History is sorted by it, so every reader sees
+/// messages in the order they were accepted, whichever gateway accepted them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequencedMessage {
     pub seq: i64,
@@ -131,6 +132,17 @@ pub trait Store: Send + Sync + 'static {
         before: Option<ObjectId>,
         limit: u32,
     ) -> Result<Vec<ChatMessage>, StoreError>;
+
+    /// Messages of a room with a sequence number above `after_seq`, oldest first.
+    async fn messages_after(
+        &self,
+        room: ObjectId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError>;
+
+    /// The highest sequence number stored in a room (0 when it has no message).
+    async fn latest_seq(&self, room: ObjectId) -> Result<u64, StoreError>;
 
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -238,6 +250,7 @@ impl From<MessageDoc> for ChatMessage {
             },
             content: d.content,
             created_at: from_bson_time(d.created_at),
+            seq: u64::try_from(d.seq).ok(),
         }
     }
 }
@@ -521,6 +534,38 @@ impl Store for MongoStore {
             .try_collect()
             .await?;
         Ok(docs.into_iter().map(ChatMessage::from).collect())
+    }
+
+    async fn messages_after(
+        &self,
+        room: ObjectId,
+        after_seq: u64,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let docs: Vec<MessageDoc> = self
+            .messages
+            .find(doc! { "roomId": room, "seq": { "$gt": after } })
+            .sort(doc! { "seq": 1, "_id": 1 })
+            .limit(i64::from(limit))
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.into_iter().map(ChatMessage::from).collect())
+    }
+
+    async fn latest_seq(&self, room: ObjectId) -> Result<u64, StoreError> {
+        let latest = self
+            .messages
+            .clone_with_type::<Document>()
+            .find_one(doc! { "roomId": room })
+            .sort(doc! { "seq": -1 })
+            .projection(doc! { "seq": 1 })
+            .await?;
+        Ok(latest
+            .and_then(|d| d.get_i64("seq").ok())
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(0))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -19,6 +19,10 @@ pub struct ChatMessage {
     pub content: String,
     #[serde(with = "rfc3339_millis")]
     pub created_at: DateTime<Utc>,
+    /// The message's place in its room: 1, 2, 3… without gaps, in the room's one order,
+    /// assigned once when the message is accepted. Absent only before that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 /// Who sent a message. `email` and `displayName` come from the sender's token.
@@ -164,6 +168,7 @@ mod tests {
             created_at: DateTime::parse_from_rfc3339("2026-11-24T10:00:00.1Z")
                 .unwrap()
                 .with_timezone(&Utc),
+            seq: None,
         };
         assert_eq!(
             serde_json::to_value(&msg).unwrap(),

@@ -164,7 +164,12 @@ class SocketIoClientTest(unittest.TestCase):
                             "sender": {"_id": self.ann["user"]["_id"], "email": self.ann["user"]["email"],
                                        "displayName": "ann"},
                             "content": "from python", "createdAt": ack["createdAt"]}
-                self.assertEqual(b_inbox.get(timeout=TIMEOUT), ("message", expected))
+                event, received = b_inbox.get(timeout=TIMEOUT)
+                # The room's sequence number: a positive integer, the same for every member.
+                self.assertIsInstance(received.get("seq"), int)
+                self.assertGreaterEqual(received["seq"], 1)
+                expected["seq"] = received["seq"]
+                self.assertEqual((event, received), ("message", expected))
                 self.assertEqual(a_inbox.get(timeout=TIMEOUT), ("message", expected))
                 a.emit("typing", {"roomId": self.room}, namespace="/chat")
                 self.assertEqual(b_inbox.get(timeout=TIMEOUT),

@@ -171,7 +171,18 @@ pub async fn remove_participant(
     Ok(Json(updated))
 }
 
-fn page(query: &HashMap<String, String>) -> Result<(u32, Option<ObjectId>), ChatError> {
+/// Where a page of history starts.
+enum Anchor {
+    /// The newest messages, newest first.
+    Latest,
+    /// Older than this message, newest first (`before`).
+    Before(ObjectId),
+    /// With a larger sequence number than this, oldest first (`afterSeq`): how a client
+    /// catches up.
+    AfterSeq(u64),
+}
+
+fn page(query: &HashMap<String, String>) -> Result<(u32, Anchor), ChatError> {
     let limit = match query.get("limit") {
         None => DEFAULT_PAGE,
         Some(raw) => match raw.parse::<u32>() {
@@ -183,11 +194,19 @@ fn page(query: &HashMap<String, String>) -> Result<(u32, Option<ObjectId>), Chat
             }
         },
     };
-    let before = query
-        .get("before")
-        .map(|raw| parse_object_id("before", raw))
-        .transpose()?;
-    Ok((limit, before))
+    let anchor = match (query.get("before"), query.get("afterSeq")) {
+        (Some(_), Some(_)) => {
+            return Err(ChatError::BadRequest(
+                "before and afterSeq cannot be combined".into(),
+            ));
+        }
+        (Some(raw), None) => Anchor::Before(parse_object_id("before", raw)?),
+        (None, Some(raw)) => Anchor::AfterSeq(raw.parse::<u64>().map_err(|_| {
+            ChatError::BadRequest("afterSeq must be a non-negative integer".into())
+        })?),
+        (None, None) => Anchor::Latest,
+    };
+    Ok((limit, anchor))
 }
 
 pub async fn messages(
@@ -197,9 +216,15 @@ pub async fn messages(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Vec<ChatMessage>>, ChatError> {
     let room = parse_object_id("id", &id)?;
-    let (limit, before) = page(&query)?;
+    let (limit, anchor) = page(&query)?;
     state.chat.room_for(&user.id, room).await?;
-    Ok(Json(state.chat.store.messages(room, before, limit).await?))
+    let store = &state.chat.store;
+    let page = match anchor {
+        Anchor::Latest => store.messages(room, None, limit).await?,
+        Anchor::Before(id) => store.messages(room, Some(id), limit).await?,
+        Anchor::AfterSeq(seq) => store.messages_after(room, seq, limit).await?,
+    };
+    Ok(Json(page))
 }
 
 pub async fn post_message(

@@ -9,6 +9,7 @@
 //! |---|---|---|---|---|
 //! | `{chat:ingest:p}:stream` | stream, group `persisters` | the partition: append, read and acknowledge are scripts on it | messages accepted and not yet stored | `INGEST_MAX_BACKLOG` entries; acknowledged entries are deleted |
 //! | `{chat:ingest:p}:lease` | string | the partition: the read and complete scripts check it with the stream | `<instance> <token>` of the persister holding the partition | `PX LEASE_MS × 3/4` |
+//! | `{chat:ingest:p}:seq` | hash | the partition: read and raised in the append script | the last sequence number given in each room of the partition | one field per room, never expires |
 //! | `{chat:ingest:p}:fence` | string (counter) | the partition | the last fencing token handed out | one per partition |
 //! | `{chat:ingest:p}:idem:<user>:<room>:<clientMsgId>` | string | the partition of the room: checked and set in the append script | `<messageId> <millis>` of the first send | `EX 86400` (24 h) |
 //! | `{chat:ingest:p}:room:<roomId>` | sharded channel | the partition: the complete script publishes with the fenced acknowledge | `message` batches and `typing` of one room | pub/sub |
@@ -57,6 +58,11 @@ impl Keys {
     /// Who holds a partition.
     pub fn ingest_lease(&self, partition: u16) -> String {
         format!("{}:lease", self.tag(partition))
+    }
+
+    /// The sequence counters of a partition's rooms (a hash: room id → last number given).
+    pub fn ingest_seq(&self, partition: u16) -> String {
+        format!("{}:seq", self.tag(partition))
     }
 
     /// The fencing token counter of a partition.
@@ -161,6 +167,7 @@ mod tests {
             for key in [
                 keys.ingest_lease(p),
                 keys.ingest_fence(p),
+                keys.ingest_seq(p),
                 keys.idempotency(&room, "u:r:c"),
                 keys.room_channel(&room),
             ] {

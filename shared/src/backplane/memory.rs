@@ -28,6 +28,8 @@ struct Queue {
     delivered: usize,
     /// Last entry id: `(millis, n)`, kept increasing like a Redis stream id.
     last: (i64, i64),
+    /// The last sequence number given in each room (seeded from the store on first use).
+    seqs: HashMap<ObjectId, u64>,
 }
 
 /// The in-process backplane; it is also the persister's [`Ingest`].
@@ -51,8 +53,8 @@ struct Idempotency {
     expiry: VecDeque<(Instant, String)>,
 }
 
-/// The message first appended under an idempotency key.
-type FirstAppend = (ObjectId, DateTime<Utc>);
+/// The message first appended under an idempotency key: id, time and sequence number.
+type FirstAppend = (ObjectId, DateTime<Utc>, u64);
 
 impl MemoryBackplane {
     /// Room events of subscribed rooms (and every control event) go to `sink`.
@@ -73,8 +75,14 @@ impl MemoryBackplane {
         lock(&self.queue).entries.len()
     }
 
-    fn push(&self, message: &ChatMessage) {
+    /// Queues a message with the next number of its room; returns the number.
+    fn push(&self, message: &ChatMessage) -> Result<u64, BackplaneError> {
         let mut q = lock(&self.queue);
+        let Some(last) = q.seqs.get_mut(&message.room_id) else {
+            return Err(BackplaneError::SeqUnknown(message.room_id));
+        };
+        *last += 1;
+        let seq = *last;
         let now = Utc::now().timestamp_millis();
         q.last = if now > q.last.0 {
             (now, 0)
@@ -82,9 +90,12 @@ impl MemoryBackplane {
             (q.last.0, q.last.1 + 1)
         };
         let id = format!("{}-{}", q.last.0, q.last.1);
-        q.entries.push_back((id, message.clone()));
+        let mut numbered = message.clone();
+        numbered.seq = Some(seq);
+        q.entries.push_back((id, numbered));
         drop(q);
         self.appended.notify_one();
+        Ok(seq)
     }
 }
 
@@ -108,22 +119,29 @@ impl Backplane for MemoryBackplane {
                     seen.first.remove(&old);
                 }
             }
-            if let Some((id, created_at)) = seen.first.get(key) {
+            if let Some((id, created_at, seq)) = seen.first.get(key) {
                 return Ok(Appended::Duplicate {
                     id: *id,
                     created_at: *created_at,
+                    seq: *seq,
                 });
             }
+            // Queued under the same lock, so a concurrent duplicate cannot slip in between.
+            let seq = self.push(message)?;
             seen.first
-                .insert(key.to_owned(), (message.id, message.created_at));
+                .insert(key.to_owned(), (message.id, message.created_at, seq));
             seen.expiry
                 .push_back((now + IDEMPOTENCY_TTL, key.to_owned()));
-            // Queued under the same lock, so a concurrent duplicate cannot slip in between.
-            self.push(message);
-            return Ok(Appended::New);
+            return Ok(Appended::New { seq });
         }
-        self.push(message);
-        Ok(Appended::New)
+        Ok(Appended::New {
+            seq: self.push(message)?,
+        })
+    }
+
+    async fn seed_seq(&self, room: ObjectId, latest: u64) -> Result<(), BackplaneError> {
+        lock(&self.queue).seqs.entry(room).or_insert(latest);
+        Ok(())
     }
 
     async fn publish(&self, events: &[RoomEvent]) -> Result<(), BackplaneError> {
@@ -319,6 +337,7 @@ mod tests {
             },
             content: "hi".into(),
             created_at: crate::wire::now_millis(),
+            seq: None,
         }
     }
 
@@ -327,12 +346,25 @@ mod tests {
         let bp = MemoryBackplane::new(Arc::new(|_| {}));
         let room = ObjectId::new();
         let (a, b) = (message(room), message(room));
-        assert_eq!(bp.append(&a, Some("k")).await.unwrap(), Appended::New);
+        // A room's counter starts from what the store holds.
+        assert!(matches!(
+            bp.append(&a, Some("k")).await,
+            Err(BackplaneError::SeqUnknown(r)) if r == room
+        ));
+        bp.seed_seq(room, 41).await.unwrap();
+        bp.seed_seq(room, 7).await.unwrap(); // a later seed changes nothing
+        assert_eq!(
+            bp.append(&a, Some("k")).await.unwrap(),
+            Appended::New { seq: 42 }
+        );
         assert!(matches!(
             bp.append(&b, Some("k")).await.unwrap(),
-            Appended::Duplicate { id, .. } if id == a.id
+            Appended::Duplicate { id, seq: 42, .. } if id == a.id
         ));
-        bp.append(&b, None).await.unwrap();
+        assert_eq!(
+            bp.append(&b, None).await.unwrap(),
+            Appended::New { seq: 43 }
+        );
         let ttl = Duration::from_secs(1);
         let lease = bp.acquire(0, ttl).await.unwrap().unwrap();
         assert_eq!(bp.acquire(0, ttl).await.unwrap(), None, "one holder");
@@ -346,6 +378,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(first[0].message.as_ref().unwrap().id, a.id);
+        assert_eq!(
+            first[0].message.as_ref().unwrap().seq,
+            Some(42),
+            "entries carry their numbers"
+        );
         assert_eq!(second[0].message.as_ref().unwrap().id, b.id);
         assert!(stream_seq(&first[0].id).unwrap() < stream_seq(&second[0].id).unwrap());
         bp.complete(&lease, &[], &[first[0].id.clone()])

@@ -53,6 +53,10 @@ pub enum BackplaneError {
     /// in time: it may be lost if the master fails now.
     #[error("only {confirmed} of {wanted} replicas confirmed the append in time")]
     NotReplicated { confirmed: i64, wanted: i64 },
+    /// Redis holds no sequence counter for the message's room (it never did, or lost it):
+    /// seed it from the store ([`Backplane::seed_seq`]) and append again.
+    #[error("no sequence counter for room {0} in Redis")]
+    SeqUnknown(ObjectId),
     /// This persister no longer holds the partition's lease: another may own it now.
     #[error("the lease of ingest partition {0} is held by another persister")]
     Fenced(u16),
@@ -87,6 +91,10 @@ pub trait Backplane: Send + Sync + 'static {
         idempotency_key: Option<&str>,
     ) -> Result<Appended, BackplaneError>;
 
+    /// Sets a room's sequence counter to `latest` (the highest number stored) unless one is
+    /// set already. Called after [`BackplaneError::SeqUnknown`].
+    async fn seed_seq(&self, room: ObjectId, latest: u64) -> Result<(), BackplaneError>;
+
     /// Publishes events to their rooms' subscribers on every gateway. At most once.
     async fn publish(&self, events: &[RoomEvent]) -> Result<(), BackplaneError>;
 
@@ -103,12 +111,14 @@ pub trait Backplane: Send + Sync + 'static {
 /// What [`Backplane::append`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// The message was appended.
-    New,
-    /// A message with the same idempotency key was appended before; this is its id and time.
+    /// The message was appended with this sequence number in its room.
+    New { seq: u64 },
+    /// A message with the same idempotency key was appended before; this is its id, time and
+    /// sequence number.
     Duplicate {
         id: ObjectId,
         created_at: DateTime<Utc>,
+        seq: u64,
     },
 }
 
@@ -359,6 +369,7 @@ mod tests {
             },
             content: content.into(),
             created_at: crate::wire::now_millis(),
+            seq: None,
         };
         let batch = [m(a, "1"), m(b, "2"), m(a, "3")];
         let events = group_by_room(&batch);

@@ -26,6 +26,8 @@ use std::time::Duration;
 
 /// Field of a stream entry that holds the message JSON.
 const MESSAGE_FIELD: &str = "m";
+/// Field of a stream entry that holds the message's sequence number in its room.
+const SEQ_FIELD: &str = "s";
 
 /// The gateway's side of the ingest.
 pub struct IngestWriter {
@@ -57,6 +59,18 @@ impl IngestWriter {
         })
     }
 
+    pub(super) async fn seed_seq(&self, room: ObjectId, latest: u64) -> Result<(), BackplaneError> {
+        let _: i64 = SCRIPTS
+            .seed
+            .evalsha_with_reload(
+                &self.client,
+                vec![self.keys.ingest_seq(self.keys.partition_of(&room))],
+                vec![room.to_hex(), latest.to_string()],
+            )
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn append(
         &self,
         message: &ChatMessage,
@@ -66,7 +80,7 @@ impl IngestWriter {
         let stream = self.keys.ingest_stream(partition);
         let json =
             serde_json::to_string(message).map_err(|e| BackplaneError::Malformed(e.to_string()))?;
-        let mut keys = vec![stream.clone()];
+        let mut keys = vec![stream.clone(), self.keys.ingest_seq(partition)];
         keys.extend(idempotency_key.map(|k| self.keys.idempotency(&message.room_id, k)));
         let first = format!(
             "{} {}",
@@ -83,11 +97,17 @@ impl IngestWriter {
                     self.max_backlog.to_string(),
                     first,
                     self.idempotency_ttl.as_secs().to_string(),
+                    message.room_id.to_hex(),
                 ],
             )
             .await?;
         let appended = match reply {
-            (0, _) => Appended::New,
+            (0, seq) => Appended::New {
+                seq: seq
+                    .as_u64()
+                    .ok_or_else(|| BackplaneError::Malformed(format!("append seq {seq:?}")))?,
+            },
+            (3, _) => return Err(BackplaneError::SeqUnknown(message.room_id)),
             (1, prior) => parse_first(prior.as_str().as_deref().unwrap_or_default())?,
             (2, entries) => {
                 metrics::counter!("chat_gateway_ingest_full_total").increment(1);
@@ -113,14 +133,16 @@ impl IngestWriter {
     }
 }
 
-/// Parses an idempotency record, `<message id> <millis>`.
+/// Parses an idempotency record, `<message id> <millis> <seq>`.
 fn parse_first(record: &str) -> Result<Appended, BackplaneError> {
-    let parsed = record.split_once(' ').and_then(|(id, ms)| {
+    let mut parts = record.split(' ');
+    let parsed = (|| {
         Some(Appended::Duplicate {
-            id: ObjectId::parse_str(id).ok()?,
-            created_at: DateTime::from_timestamp_millis(ms.parse().ok()?)?,
+            id: ObjectId::parse_str(parts.next()?).ok()?,
+            created_at: DateTime::from_timestamp_millis(parts.next()?.parse().ok()?)?,
+            seq: parts.next()?.parse().ok()?,
         })
-    });
+    })();
     parsed.ok_or_else(|| BackplaneError::Malformed(format!("idempotency record {record:?}")))
 }
 
@@ -420,19 +442,27 @@ fn parse_entries(items: Vec<Value>) -> Result<Vec<IngestEntry>, BackplaneError> 
             .pop()
             .and_then(|v| v.into_string())
             .ok_or_else(|| malformed("entry id is not a string"))?;
-        let mut message = Err("entry has no message field".to_owned());
+        let mut message: Result<ChatMessage, String> = Err("entry has no message field".to_owned());
+        let mut seq = None;
         if let Value::Array(fields) = fields {
             for kv in fields.chunks(2) {
-                if let [k, v] = kv
-                    && k.as_str().as_deref() == Some(MESSAGE_FIELD)
-                {
-                    message = v
-                        .as_bytes()
-                        .ok_or_else(|| "message field is not a string".to_owned())
-                        .and_then(|b| serde_json::from_slice(b).map_err(|e| e.to_string()));
+                let [k, v] = kv else { continue };
+                match k.as_str().as_deref() {
+                    Some(MESSAGE_FIELD) => {
+                        message = v
+                            .as_bytes()
+                            .ok_or_else(|| "message field is not a string".to_owned())
+                            .and_then(|b| serde_json::from_slice(b).map_err(|e| e.to_string()));
+                    }
+                    Some(SEQ_FIELD) => seq = v.as_u64(),
+                    _ => {}
                 }
             }
         }
+        let message = message.map(|mut m| {
+            m.seq = seq;
+            m
+        });
         entries.push(IngestEntry { id, message });
     }
     Ok(entries)
@@ -447,6 +477,13 @@ mod tests {
         let s = |v: &str| Value::from(v);
         let entry =
             |id: &str, json: &str| Value::Array(vec![s(id), Value::Array(vec![s("m"), s(json)])]);
+        let message = r#"{"id":"6560a0000000000000000004","roomId":"6560a0000000000000000002","sender":{"_id":"6560a0000000000000000003"},"content":"x","createdAt":"2026-11-27T10:00:00.123Z"}"#;
+        let numbered = Value::Array(vec![
+            s("4-0"),
+            Value::Array(vec![s("m"), s(message), s("s"), s("42")]),
+        ]);
+        let parsed = parse_entries(vec![numbered]).unwrap();
+        assert_eq!(parsed[0].message.as_ref().unwrap().seq, Some(42));
         let deleted = Value::Array(vec![s("3-0"), Value::Null]);
         let entries =
             parse_entries(vec![entry("1-0", "not json"), entry("2-0", "{}"), deleted]).unwrap();
@@ -460,9 +497,10 @@ mod tests {
     fn idempotency_records() {
         let id = ObjectId::new();
         assert!(matches!(
-            parse_first(&format!("{} 1700000000000", id.to_hex())).unwrap(),
-            Appended::Duplicate { id: got, .. } if got == id
+            parse_first(&format!("{} 1700000000000 7", id.to_hex())).unwrap(),
+            Appended::Duplicate { id: got, seq: 7, .. } if got == id
         ));
+        assert!(parse_first(&format!("{} 1700000000000", id.to_hex())).is_err());
         assert!(parse_first("garbage").is_err());
     }
 }

@@ -192,6 +192,10 @@ impl Backplane for RedisBackplane {
         self.ingest.append(message, idempotency_key).await
     }
 
+    async fn seed_seq(&self, room: ObjectId, latest: u64) -> Result<(), BackplaneError> {
+        self.ingest.seed_seq(room, latest).await
+    }
+
     async fn publish(&self, events: &[RoomEvent]) -> Result<(), BackplaneError> {
         if events.is_empty() {
             return Ok(());

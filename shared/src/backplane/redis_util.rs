@@ -77,6 +77,7 @@ pub(super) struct Scripts {
     pub complete: Script,
     pub heartbeat: Script,
     pub count: Script,
+    pub seed: Script,
 }
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -88,6 +89,7 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     complete: Script::from_lua(include_str!("scripts/complete.lua")),
     heartbeat: Script::from_lua(include_str!("scripts/heartbeat.lua")),
     count: Script::from_lua(include_str!("scripts/count.lua")),
+    seed: Script::from_lua(include_str!("scripts/seed.lua")),
 });
 
 /// A connected command client, after checking that Redis holds `keys`' partition count.
