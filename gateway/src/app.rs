@@ -229,10 +229,12 @@ impl Application {
             api_router = api_router.merge(http::web::router());
         }
         let api_router = api_router.layer(layer);
+        // Ready means this gateway can take connections and sends: Redis and its room
+        // subscriptions. MongoDB is left out on purpose: a MongoDB blip would otherwise turn
+        // every gateway unready at once and empty the Service, although sends and live
+        // delivery still work (joins and REST reads fail with UNAVAILABLE meanwhile).
         let ready_drain = drain_state.clone();
-        let ready_store = store.clone();
         let admin_router = shared::admin::router(Arc::new(move || {
-            let store = ready_store.clone();
             let backplane = backplane.clone();
             let draining = ready_drain.is_draining();
             Box::pin(async move {
@@ -240,7 +242,6 @@ impl Application {
                     return Err("shutting down".to_owned());
                 }
                 backplane.ping().await.map_err(|e| format!("redis: {e}"))?;
-                store.ping().await.map_err(|e| format!("mongodb: {e}"))?;
                 Ok(())
             })
         }));

@@ -480,3 +480,47 @@ async fn persisters_started_with_one_name_share_the_partitions_and_keep_the_orde
     expect_in_order(&b, &ids).await;
     drop(persisters);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_stays_ready_while_mongodb_is_unreachable() {
+    let mut app = TestApp::spawn(0).await;
+    if app.skip_when_embedded("no MongoDB") {
+        return;
+    }
+    let proxy = ChaosProxy::start(app.mongo.port).await;
+    let uri = format!("mongodb://127.0.0.1:{}/?directConnection=true", proxy.port);
+    app.add_gateway_with(|s| s.mongo.uri = Some(uri)).await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let readyz = format!("http://127.0.0.1:{}/readyz", app.gateways[0].admin_port);
+    // A room's first message reads its numbering from MongoDB; later ones do not.
+    let first = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "before" }),
+        )
+        .await;
+    assert_eq!(a.next("message").await["id"], first["id"]);
+
+    proxy.cut();
+    // The gateway knows MongoDB is gone: reads that need it fail…
+    eventually("REST reads fail", Duration::from_secs(20), || async {
+        app.call("GET", "/chat/rooms", Some(&ann), None).await.0 == 503
+    })
+    .await;
+    // …but it stays ready (Kubernetes keeps it in the Service), and what does not need
+    // MongoDB goes on: a member sends, the message is accepted.
+    assert_eq!(reqwest::get(&readyz).await.unwrap().status(), 200);
+    let ack = a
+        .request(
+            "send_message",
+            json!({ "roomId": room, "content": "during" }),
+        )
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert_eq!(reqwest::get(&readyz).await.unwrap().status(), 200);
+
+    proxy.restore();
+    assert_eq!(a.next("message").await["id"], ack["id"]);
+}
