@@ -54,6 +54,7 @@ async fn auth_accepts_token_or_header_and_refuses_with_reason() {
     let now = chrono::Utc::now().timestamp();
     let claims = |exp: i64| Claims {
         sub: "0123456789abcdef01234567".into(),
+        nbf: None,
         email: None,
         display_name: None,
         iat: now - 100,
@@ -75,6 +76,26 @@ async fn auth_accepts_token_or_header_and_refuses_with_reason() {
         refused(SioClient::connect(port, Some(json!({ "token": expired })), &[]).await),
         "token expired"
     );
+    // Valid only from an hour ahead, or issued an hour ahead: not valid now.
+    let keys = JwtKeys::new(JWT_SECRET.as_bytes(), 60);
+    let early = keys
+        .sign(&Claims {
+            nbf: Some(now + 3600),
+            ..claims(now + 7200)
+        })
+        .unwrap();
+    let future = keys
+        .sign(&Claims {
+            iat: now + 3600,
+            ..claims(now + 7200)
+        })
+        .unwrap();
+    for token in [early, future] {
+        assert_eq!(
+            refused(SioClient::connect(port, Some(json!({ "token": token })), &[]).await),
+            "invalid token"
+        );
+    }
     let payload = token.split('.').nth(1).unwrap();
     let alg_none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
     assert_eq!(
@@ -523,6 +544,7 @@ async fn a_socket_is_disconnected_when_its_token_expires() {
             display_name: None,
             iat: now,
             exp: now + 2,
+            nbf: None,
             iss: None,
             aud: None,
         })

@@ -1,7 +1,9 @@
 //! HS256 access tokens.
 //!
 //! Only HS256 is accepted (tokens with `alg: none` or any other algorithm are refused),
-//! `exp` is required and checked with no leeway.
+//! `exp` is required and checked with no leeway; a token is refused before its `nbf`, and
+//! when its `iat` lies in the future (more than [`IAT_SKEW_SECS`] ahead, for the clocks of
+//! different pods).
 
 use chrono::Utc;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
@@ -21,6 +23,9 @@ pub struct Claims {
     pub display_name: Option<String>,
     pub iat: i64,
     pub exp: i64,
+    /// Not valid before (seconds since the epoch). Tokens issued here have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,6 +64,10 @@ pub struct AuthUser {
     pub exp: i64,
 }
 
+/// How far in the future a token's `iat` may be: the clocks of the pod that issued it and
+/// the one that checks it may differ by this much.
+pub const IAT_SKEW_SECS: i64 = 30;
+
 /// Signs and verifies access tokens with one shared secret.
 #[derive(Clone)]
 pub struct JwtKeys {
@@ -95,6 +104,7 @@ impl JwtKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
         validation.validate_exp = true;
+        validation.validate_nbf = true;
         let mut required = vec!["exp", "sub"];
         if let Some(iss) = &issuer {
             validation.set_issuer(&[iss]);
@@ -132,6 +142,7 @@ impl JwtKeys {
             display_name: Some(display_name.to_owned()),
             iat,
             exp: iat + self.ttl_secs,
+            nbf: None,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
         };
@@ -154,6 +165,9 @@ impl JwtKeys {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
             })?;
+        if data.claims.iat > Utc::now().timestamp() + IAT_SKEW_SECS {
+            return Err(TokenError::Invalid);
+        }
         let id = ObjectId::parse_str(&data.claims.sub).map_err(|_| TokenError::Invalid)?;
         Ok(AuthUser {
             id,
@@ -203,11 +217,30 @@ mod tests {
                 display_name: None,
                 iat: now - 100,
                 exp: now - 10,
+                nbf: None,
                 iss: None,
                 aud: None,
             })
             .unwrap();
         assert_eq!(keys().verify(&expired), Err(TokenError::Expired));
+        // Not valid yet (nbf an hour ahead), or issued in the future: refused now.
+        let claims = |iat: i64, nbf: Option<i64>| Claims {
+            sub: id.to_hex(),
+            email: None,
+            display_name: None,
+            iat,
+            exp: now + 7200,
+            nbf,
+            iss: None,
+            aud: None,
+        };
+        let early = keys().sign(&claims(now, Some(now + 3600))).unwrap();
+        assert_eq!(keys().verify(&early), Err(TokenError::Invalid));
+        let future = keys().sign(&claims(now + 3600, None)).unwrap();
+        assert_eq!(keys().verify(&future), Err(TokenError::Invalid));
+        // Within the clock skew allowed between pods, and once nbf has passed: accepted.
+        let skewed = keys().sign(&claims(now + 5, Some(now - 1))).unwrap();
+        assert_eq!(keys().verify(&skewed).unwrap().id, id);
         // alg "none": header {"alg":"none","typ":"JWT"}, no signature.
         let none = format!(
             "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.",
