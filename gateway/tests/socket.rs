@@ -913,3 +913,39 @@ async fn only_gateways_with_local_members_subscribe_to_a_room() {
     assert_eq!(left, json!({ "ok": true }));
     app.wait_shard_numsub(&channel, 1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_socket_is_cut_off_and_counted_once() {
+    let mut app = TestApp::spawn(0).await;
+    if app.skip_when_embedded("a gateway process of its own") {
+        return;
+    }
+    // A process of its own, so that its metrics count this test only.
+    let limits = [
+        ("EVENTS_PER_SECOND", "1".to_owned()),
+        ("EVENT_BURST", "1".to_owned()),
+        ("RATE_LIMIT_DISCONNECT_AFTER", "5".to_owned()),
+    ];
+    let g = app.gateway_process(&limits).await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    // Three sockets flood at once, 500 events each, without waiting for answers.
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(app.member(g, &ann, &[&room]).await);
+    }
+    for socket in &sockets {
+        for _ in 0..500 {
+            socket.emit("typing", json!({ "roomId": room }));
+        }
+    }
+    for socket in &mut sockets {
+        socket.wait_disconnected().await;
+    }
+    let admin = app.gateways[g].admin_port;
+    assert_eq!(
+        common::metric(admin, "chat_gateway_rate_limit_disconnects_total").await,
+        Some(3.0),
+        "one disconnect counted per socket, not one per queued event"
+    );
+}

@@ -244,7 +244,9 @@ fn rate_limit(s: &SocketRef, session: &Session) -> Result<(), ChatError> {
         return Ok(());
     }
     metrics::counter!("chat_gateway_rate_limited_total").increment(1);
-    if admission == Admission::Disconnect {
+    // Decided once per socket: events already queued behind the decision are refused
+    // without logging and counting the disconnect again.
+    if admission == Admission::Disconnect && session.cut_off_once() {
         metrics::counter!("chat_gateway_rate_limit_disconnects_total").increment(1);
         tracing::warn!(socket = %s.id, user_id = %session.user.id, "rate limit exceeded persistently, disconnecting");
         session.kick();

@@ -56,6 +56,9 @@ pub struct Session {
     limits: EventLimits,
     bucket: Mutex<Bucket>,
     kick: std::sync::atomic::AtomicBool,
+    /// Set once the socket is being cut off for flooding, so that the events still queued
+    /// behind that decision are refused without logging and counting it again.
+    cut_off: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -81,6 +84,7 @@ impl Session {
             closed: CancellationToken::new(),
             limits,
             kick: Default::default(),
+            cut_off: Default::default(),
             bucket: Mutex::new(Bucket {
                 tokens: limits.burst,
                 last: Instant::now(),
@@ -92,6 +96,13 @@ impl Session {
     /// Marks the socket to be disconnected after the current event's answer.
     pub fn kick(&self) {
         self.kick.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `true` the first time only: the socket is now being cut off for flooding.
+    pub fn cut_off_once(&self) -> bool {
+        !self
+            .cut_off
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn take_kick(&self) -> bool {
