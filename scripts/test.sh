@@ -48,11 +48,25 @@ if ! command -v cargo-deny >/dev/null 2>&1; then
   cargo install --locked --quiet cargo-deny
 fi
 cargo deny check licenses bans sources
-# The advisory database is fetched from the network; check it when a copy is present.
-if ls "${CARGO_HOME:-$HOME/.cargo}"/advisory-dbs/* >/dev/null 2>&1; then
+# Advisories, offline: the RustSec snapshot beside the project (../shared/advisory-db, see
+# its SNAPSHOT.md) becomes the one-commit git repository cargo-deny reads (deny.toml's
+# db-path), dated as the snapshot.
+advisories=target/advisory-dbs/advisory-db-3157b0e258782691
+snapshot=../shared/advisory-db
+if [ -d "$snapshot/crates" ] && ! cmp -s "$snapshot/SNAPSHOT.md" "$advisories/SNAPSHOT.md" 2>/dev/null; then
+  rm -rf "$advisories"
+  mkdir -p "$advisories"
+  cp -R "$snapshot/." "$advisories/"
+  when=$(grep -o '([0-9]\{4\}-[0-9][0-9]-[0-9][0-9])' "$snapshot/SNAPSHOT.md" | head -1 | tr -d '()')
+  (cd "$advisories" && git init -q && git add -A \
+    && GIT_AUTHOR_DATE="${when}T00:00:00Z" GIT_COMMITTER_DATE="${when}T00:00:00Z" \
+       git -c user.name=snapshot -c user.email=snapshot@localhost commit -q -m "RustSec snapshot $when")
+fi
+if [ -d "$advisories/.git" ]; then
   cargo deny --offline check advisories
 else
-  echo "advisory database not present: cargo deny check advisories skipped"
+  echo "no RustSec snapshot in $snapshot: cargo deny check advisories cannot run offline" >&2
+  exit 1
 fi
 
 step "cargo test (unit and integration, real Redis and SecantusDB)"
