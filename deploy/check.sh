@@ -96,7 +96,7 @@ export REDIS_URL="redis://127.0.0.1:$redis_port" MONGODB_URI="mongodb://127.0.0.
   MONGODB_DB=check REDIS_PREFIX=check HOST=127.0.0.1 RUST_LOG=warn
 METRICS_PORT=$p_admin target/debug/persister &
 pids+=($!)
-PORT=$g_port METRICS_PORT=$g_admin JWT_SECRET=check target/debug/gateway &
+PORT=$g_port METRICS_PORT=$g_admin JWT_SECRET=check-secret-of-at-least-thirty-two-bytes target/debug/gateway &
 pids+=($!)
 wait_ok "http://127.0.0.1:$g_admin/readyz"
 wait_ok "http://127.0.0.1:$p_admin/readyz"

@@ -30,7 +30,7 @@ CONNECT_CLIENTS=${CONNECT_CLIENTS:-10000}
 MESSAGE_RATE=${MESSAGE_RATE:-1000}
 PERSIST_MESSAGES=${PERSIST_MESSAGES:-20000}
 IDLE_CLIENTS=${IDLE_CLIENTS:-15000}
-SECRET="bench-secret-$RANDOM$RANDOM"
+SECRET="bench-secret-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 
 echo "==> building (release)"
 cargo build --release --locked -p gateway -p persister -p loadtest

@@ -53,6 +53,9 @@ struct Embedded {
 
 /// The file of the embedded database, in the data directory.
 const DATABASE_FILE: &str = "chat.sqlite3";
+/// The shortest `JWT_SECRET` accepted (the generated one has 64 hex characters).
+const MIN_SECRET_BYTES: usize = 32;
+
 /// The file of the generated JWT secret, in the data directory.
 const SECRET_FILE: &str = "jwt-secret";
 
@@ -111,6 +114,13 @@ impl Application {
                 ));
             }
         };
+        // HS256 with a short secret can be brute-forced offline from any token.
+        if secret.expose().len() < MIN_SECRET_BYTES {
+            return Err(anyhow!(
+                "JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes, it has {}: generate one with `openssl rand -hex 32`",
+                secret.expose().len()
+            ));
+        }
         if settings.jwt_expires_in <= 0 {
             return Err(anyhow!(
                 "JWT_EXPIRES_IN must be a positive number of seconds"

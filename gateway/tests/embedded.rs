@@ -176,7 +176,7 @@ async fn data_and_the_generated_secret_survive_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chat_page_is_served_unless_turned_off() {
     let dir = tempfile::tempdir().unwrap();
-    let on = start(dir.path(), &["--jwt-secret", "s"]).await;
+    let on = start(dir.path(), &["--jwt-secret", common::JWT_SECRET]).await;
     let page = reqwest::get(on.url("/")).await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(
@@ -190,7 +190,11 @@ async fn the_chat_page_is_served_unless_turned_off() {
     assert!(script.text().await.unwrap().contains("join_room"));
     on.stop().await;
 
-    let off = start(dir.path(), &["--jwt-secret", "s", "--no-web-ui"]).await;
+    let off = start(
+        dir.path(),
+        &["--jwt-secret", common::JWT_SECRET, "--no-web-ui"],
+    )
+    .await;
     let page = reqwest::get(off.url("/")).await.unwrap();
     assert_eq!(page.status(), 404);
     off.stop().await;
@@ -203,7 +207,7 @@ fn setting_only_one_url_is_a_start_up_error_that_says_why() {
         "--redis-url",
         "redis://127.0.0.1:1",
         "--jwt-secret",
-        "s",
+        common::JWT_SECRET,
     ])
     .unwrap();
     if std::env::var_os("MONGODB_URI").is_some() {
@@ -217,5 +221,29 @@ fn setting_only_one_url_is_a_start_up_error_that_says_why() {
     assert!(
         error.to_string().contains("MONGODB_URI is not"),
         "{error:#}"
+    );
+}
+
+#[test]
+fn a_short_jwt_secret_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = gateway::Settings::try_parse_from([
+        "gateway",
+        "--embedded",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--jwt-secret",
+        "only-twenty-two-bytes!",
+    ])
+    .unwrap();
+    let error = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(gateway::Application::build(settings))
+        .err()
+        .expect("refused");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("JWT_SECRET must be at least 32 bytes, it has 22"),
+        "{text}"
     );
 }

@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const bin = (name) => path.join(root, 'target', process.env.CARGO_PROFILE_DIR || 'debug', name);
-export const JWT_SECRET = 'js-suite-secret';
+export const JWT_SECRET = 'js-suite-secret-of-32-bytes-or-more';
 
 function freePort() {
   return new Promise((resolve, reject) => {

@@ -19,7 +19,7 @@ import requests
 import socketio
 
 ROOT = Path(__file__).resolve().parents[2]
-JWT_SECRET = "python-suite-secret"
+JWT_SECRET = "python-suite-secret-of-32-bytes-or-more"
 TIMEOUT = 10
 
 

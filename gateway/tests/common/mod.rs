@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-pub const JWT_SECRET: &str = "integration-test-secret";
+pub const JWT_SECRET: &str = "integration-test-secret-of-32-bytes-or-more";
 
 pub struct Gateway {
     pub port: u16,
