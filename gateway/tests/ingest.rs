@@ -315,3 +315,25 @@ async fn room_numbers_continue_from_the_store_when_redis_has_no_counter() {
         Err(BackplaneError::SeqUnknown(_))
     ));
 }
+
+#[tokio::test]
+async fn redis_settings_that_break_durability_are_named() {
+    let redis = Redis::start().await;
+    let client = shared::backplane::connect_client(&redis_settings(&redis, "conf"))
+        .await
+        .unwrap();
+    // The test Redis runs as production should: append-only, no eviction.
+    assert!(
+        shared::backplane::durability_warnings(&client)
+            .await
+            .is_empty()
+    );
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .await;
+    redis.cli(&["CONFIG", "SET", "appendonly", "no"]).await;
+    let warnings = shared::backplane::durability_warnings(&client).await;
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("maxmemory-policy is allkeys-lru"));
+    assert!(warnings[1].contains("appendonly is no"));
+}

@@ -92,14 +92,56 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     seed: Script::from_lua(include_str!("scripts/seed.lua")),
 });
 
-/// A connected command client, after checking that Redis holds `keys`' partition count.
+/// A connected command client, after checking that Redis holds `keys`' partition count,
+/// and warning about settings of Redis that break the durability promise.
 pub(super) async fn connect_checked(
     settings: &RedisSettings,
     keys: &Keys,
 ) -> Result<Client, BackplaneError> {
     let client = connect_client(settings).await?;
     check_partitions(&client, keys).await?;
+    for warning in durability_warnings(&client).await {
+        tracing::warn!("{warning}");
+    }
     Ok(client)
+}
+
+/// What in Redis's configuration breaks "an acknowledged message is never lost": an
+/// eviction policy (Redis would drop ingest entries, leases or counters when full) and no
+/// append-only file (a restart loses what was accepted and not yet stored). Empty when both
+/// are right, or when `CONFIG GET` is refused (managed services): then nothing can be said.
+/// On a cluster, the node asked speaks for all.
+pub async fn durability_warnings(client: &Client) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let get = |name: &'static str| async move {
+        let reply: Result<std::collections::HashMap<String, String>, _> =
+            client.config_get(name).await;
+        match reply {
+            Ok(map) => map.get(name).cloned(),
+            Err(error) => {
+                tracing::debug!(%error, name, "cannot read Redis's configuration");
+                None
+            }
+        }
+    };
+    if let Some(policy) = get("maxmemory-policy").await
+        && policy != "noeviction"
+    {
+        warnings.push(format!(
+            "Redis maxmemory-policy is {policy}: when full, Redis may evict ingest entries, \
+             partition leases or counters and lose acknowledged messages; set noeviction"
+        ));
+    }
+    if let Some(aof) = get("appendonly").await
+        && aof != "yes"
+    {
+        warnings.push(
+            "Redis appendonly is no: a Redis restart loses the messages accepted and not yet \
+             stored; set appendonly yes"
+                .to_owned(),
+        );
+    }
+    warnings
 }
 
 /// Records the partition count on first use and refuses a process configured with another
