@@ -272,7 +272,8 @@ impl Application {
             settings.listen_backlog,
         )
         .with_context(|| format!("binding PORT {}", settings.port))?;
-        let admin = listen(SocketAddr::new(settings.host, settings.metrics_port), 1024)
+        let admin_host = settings.admin_host.unwrap_or(settings.host);
+        let admin = listen(SocketAddr::new(admin_host, settings.metrics_port), 1024)
             .with_context(|| format!("binding METRICS_PORT {}", settings.metrics_port))?;
 
         Ok(Self {

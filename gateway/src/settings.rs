@@ -16,6 +16,12 @@ pub struct Settings {
     /// Port of the Socket.IO and REST API (0 picks a free port).
     #[arg(long, env = "PORT", default_value_t = 3000)]
     pub port: u16,
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`, without
+    /// authentication); default: HOST. Bind it to a private interface, or keep the port
+    /// off public networks (the Helm chart admits it from the release's namespace only). The
+    /// container HEALTHCHECK probes it on 127.0.0.1.
+    #[arg(long = "admin-host", env = "ADMIN_HOST")]
+    pub admin_host: Option<IpAddr>,
     /// Port of the admin server: `/metrics`, `/healthz`, `/readyz` (0 picks a free port).
     #[arg(long, env = "METRICS_PORT", default_value_t = 9100)]
     pub metrics_port: u16,

@@ -596,3 +596,26 @@ async fn failed_logins_are_limited_per_email_and_per_address() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_listens_on_its_own_address() {
+    let mut app = TestApp::spawn(0).await;
+    let g = app
+        .add_gateway_with(|s| s.admin_host = Some("127.0.0.2".parse().unwrap()))
+        .await;
+    let port = app.gateways[g].admin_port;
+    let healthz = |ip: &str| format!("http://{ip}:{port}/healthz");
+    assert_eq!(
+        reqwest::get(healthz("127.0.0.2")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert!(
+        reqwest::get(healthz("127.0.0.1")).await.is_err(),
+        "not on the API's address"
+    );
+    // The API stays on HOST.
+    assert_eq!(
+        app.call("GET", "/auth/me", None, None).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+}

@@ -39,6 +39,12 @@ pub struct Settings {
     /// Address of the admin server.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
+    /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`, without
+    /// authentication); default: HOST. Bind it to a private interface, or keep the port
+    /// off public networks (the Helm chart admits it from the release's namespace only). The
+    /// container HEALTHCHECK probes it on 127.0.0.1.
+    #[arg(long = "admin-host", env = "ADMIN_HOST")]
+    pub admin_host: Option<IpAddr>,
     /// Port of the admin server: `/metrics`, `/healthz`, `/readyz` (0 picks a free port).
     #[arg(long, env = "METRICS_PORT", default_value_t = 9101)]
     pub metrics_port: u16,
@@ -103,9 +109,14 @@ impl Application {
                 .await
                 .context("connecting to the ingest partitions in Redis (REDIS_URL)")?,
         );
-        let admin =
-            shared::admin::listen(SocketAddr::new(settings.host, settings.metrics_port), 1024)
-                .with_context(|| format!("binding METRICS_PORT {}", settings.metrics_port))?;
+        let admin = shared::admin::listen(
+            SocketAddr::new(
+                settings.admin_host.unwrap_or(settings.host),
+                settings.metrics_port,
+            ),
+            1024,
+        )
+        .with_context(|| format!("binding METRICS_PORT {}", settings.metrics_port))?;
         Ok(Self {
             settings,
             ingest,
