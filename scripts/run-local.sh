@@ -88,6 +88,7 @@ for port in "${gateway_ports[@]}"; do wait_port "$port"; done
 cat > "$data/haproxy.cfg" <<EOF
 defaults
   mode http
+  option forwardfor
   timeout connect 5s
   timeout client 60s
   timeout server 60s

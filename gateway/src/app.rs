@@ -232,7 +232,7 @@ impl Application {
                 max_failures_per_email: settings.login_max_failures_per_email,
                 max_failures_per_ip: settings.login_max_failures_per_ip,
                 window: Duration::from_secs(settings.login_window_secs.max(1)),
-                trust_forwarded_for: settings.trust_forwarded_for,
+                trusted_proxy_hops: settings.trusted_proxy_hops,
             },
         });
         if !settings.no_web_ui {

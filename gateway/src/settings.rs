@@ -105,10 +105,11 @@ pub struct Settings {
     /// Window of the login failure counters, in seconds.
     #[arg(long, env = "LOGIN_WINDOW_SECS", default_value_t = 900)]
     pub login_window_secs: u64,
-    /// Take the client address from the first `X-Forwarded-For` entry (set this only
-    /// behind a proxy that sets the header).
-    #[arg(long, env = "TRUST_FORWARDED_FOR", default_value_t = false)]
-    pub trust_forwarded_for: bool,
+    /// How many proxies in front of the gateway append the client's address to
+    /// `X-Forwarded-For` (1 behind HAProxy or ingress-nginx). The client address used by the
+    /// login limits is the entry that many places from the right; 0 ignores the header.
+    #[arg(long, env = "TRUSTED_PROXY_HOPS", default_value_t = 0)]
+    pub trusted_proxy_hops: usize,
     /// How many recent message ids each gateway remembers to drop a message published
     /// twice (after a persister takeover) instead of delivering it again.
     #[arg(long, env = "DEDUPE_WINDOW", default_value_t = 65_536)]

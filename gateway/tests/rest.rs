@@ -619,3 +619,73 @@ async fn the_admin_port_listens_on_its_own_address() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_failed_logins_cannot_all_pass_the_limit() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| {
+        s.login_max_failures_per_email = 5;
+        s.login_max_failures_per_ip = 1000;
+    })
+    .await;
+    // 40 wrong passwords for one e-mail at once: the limit is counted before the password
+    // is checked, so only 5 are tried.
+    let attempts = (0..40).map(|_| {
+        app.http
+            .post(app.url("/auth/login"))
+            .json(&json!({ "email": "target@example.com", "password": "guess" }))
+            .send()
+    });
+    let statuses: Vec<StatusCode> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status())
+        .collect();
+    let tried = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((tried, limited), (5, 35), "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_address_is_taken_only_from_trusted_proxies() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| {
+        s.login_max_failures_per_email = 1000;
+        s.login_max_failures_per_ip = 3;
+        s.trusted_proxy_hops = 1;
+    })
+    .await;
+    let login = |forwarded: String, email: String| {
+        app.http
+            .post(app.url("/auth/login"))
+            .header("x-forwarded-for", forwarded)
+            .json(&json!({ "email": email, "password": "guess" }))
+            .send()
+    };
+    // One client behind the proxy (which appended 203.0.113.7), forging a new first entry
+    // each time: still one address, limited after 3 failures.
+    for i in 0..3 {
+        let resp = login(
+            format!("10.0.0.{i}, 203.0.113.7"),
+            format!("u{i}@example.com"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    let resp = login("10.9.9.9, 203.0.113.7".into(), "u9@example.com".into())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another client behind the same proxy has its own counter.
+    let resp = login("203.0.113.8".into(), "v@example.com".into())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}

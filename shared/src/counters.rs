@@ -15,8 +15,12 @@ pub trait Counters: Send + Sync + 'static {
     /// The count of a counter and the time until its window ends.
     async fn get(&self, key: &str) -> Result<(u64, Duration), BackplaneError>;
 
-    /// Adds one (the window starts with the first count); returns the new count.
+    /// Adds one (the window starts with the first count); returns the new count, so that
+    /// counting and comparing is one atomic step.
     async fn increment(&self, key: &str, window: Duration) -> Result<u64, BackplaneError>;
+
+    /// Takes one back (an attempt that turned out not to count), if the window still runs.
+    async fn decrement(&self, key: &str) -> Result<(), BackplaneError>;
 
     /// Resets a counter.
     async fn reset(&self, key: &str) -> Result<(), BackplaneError>;
@@ -55,6 +59,11 @@ impl Counters for RedisCounters {
         Ok(crate::backplane::count_script(&self.client, &self.keys.counter(key), window).await?)
     }
 
+    async fn decrement(&self, key: &str) -> Result<(), BackplaneError> {
+        crate::backplane::uncount_script(&self.client, &self.keys.counter(key)).await?;
+        Ok(())
+    }
+
     async fn reset(&self, key: &str) -> Result<(), BackplaneError> {
         let _: i64 = self.client.del(self.keys.counter(key)).await?;
         Ok(())
@@ -91,6 +100,16 @@ impl Counters for MemoryCounters {
         Ok(entry.0)
     }
 
+    async fn decrement(&self, key: &str) -> Result<(), BackplaneError> {
+        let mut counters = lock(&self.counters);
+        if let Some((n, ends)) = counters.get_mut(key)
+            && *ends > Instant::now()
+        {
+            *n = n.saturating_sub(1);
+        }
+        Ok(())
+    }
+
     async fn reset(&self, key: &str) -> Result<(), BackplaneError> {
         lock(&self.counters).remove(key);
         Ok(())
@@ -113,6 +132,8 @@ mod tests {
         assert_eq!(c.increment("c", Duration::from_secs(60)).await.unwrap(), 1);
         assert_eq!(c.increment("c", Duration::from_secs(60)).await.unwrap(), 2);
         assert_eq!(c.get("c").await.unwrap().0, 2);
+        c.decrement("c").await.unwrap();
+        assert_eq!(c.get("c").await.unwrap().0, 1);
         c.reset("c").await.unwrap();
         assert_eq!(c.get("c").await.unwrap().0, 0);
     }

@@ -126,32 +126,45 @@ pub async fn register(
     Ok((StatusCode::CREATED, session(&state, user)?))
 }
 
-/// The client's address: the connection's peer, or the first `X-Forwarded-For` entry
-/// when configured to trust it.
+/// The client's address. Behind `TRUSTED_PROXY_HOPS` proxies, each of which appends the
+/// address it received the request from to `X-Forwarded-For`, it is the entry that many
+/// places from the right: entries further left were written by the client and can be
+/// forged. Without trusted proxies, or with fewer entries than hops, the connection's peer.
 fn client_ip(state: &HttpState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-    if state.login.trust_forwarded_for
-        && let Some(ip) = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-    {
-        return ip;
+    let hops = state.login.trusted_proxy_hops;
+    if hops == 0 {
+        return peer.ip();
     }
-    peer.ip()
+    let forwarded: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    forwarded
+        .len()
+        .checked_sub(hops)
+        .and_then(|i| forwarded[i].parse().ok())
+        .unwrap_or_else(|| peer.ip())
 }
 
-/// Refuses with 429 while a failure counter is at its limit.
-async fn check_limit(state: &HttpState, key: &str, max: u64) -> Result<(), ChatError> {
-    let (failures, left) = state.login.counters.get(key).await?;
-    if failures >= max {
-        metrics::counter!("chat_gateway_login_rate_limited_total").increment(1);
-        return Err(ChatError::RateLimited {
-            message: "too many failed logins, try again later".into(),
-            retry_after_secs: left.as_secs().max(1),
-        });
+/// Counts an attempt against a limit first, then compares, in one atomic step, so that
+/// parallel attempts cannot all pass a check made before any of them was counted. An
+/// attempt over the limit is refused (429) and not counted.
+async fn count_attempt(state: &HttpState, key: &str, max: u64) -> Result<(), ChatError> {
+    let counters = &state.login.counters;
+    let attempts = counters.increment(key, state.login.window).await?;
+    if attempts <= max {
+        return Ok(());
     }
-    Ok(())
+    counters.decrement(key).await?;
+    metrics::counter!("chat_gateway_login_rate_limited_total").increment(1);
+    let (_, left) = counters.get(key).await?;
+    Err(ChatError::RateLimited {
+        message: "too many failed logins, try again later".into(),
+        retry_after_secs: left.as_secs().max(1),
+    })
 }
 
 pub async fn login(
@@ -164,8 +177,11 @@ pub async fn login(
     // Counted by the normalised e-mail whether or not it exists, so limits reveal nothing.
     let email_key = format!("login:email:{}", body.email.trim().to_lowercase());
     let ip_key = format!("login:ip:{}", client_ip(&state, peer, &headers));
-    check_limit(&state, &email_key, state.login.max_failures_per_email).await?;
-    check_limit(&state, &ip_key, state.login.max_failures_per_ip).await?;
+    count_attempt(&state, &email_key, state.login.max_failures_per_email).await?;
+    if let Err(limited) = count_attempt(&state, &ip_key, state.login.max_failures_per_ip).await {
+        state.login.counters.decrement(&email_key).await?;
+        return Err(limited);
+    }
 
     // A malformed e-mail cannot be registered: same answer as an unknown one.
     let credentials = match Email::parse(&body.email) {
@@ -181,13 +197,12 @@ pub async fn login(
             None
         }
     };
+    // A failure stays counted; a success is not a failure.
     let Some(user) = ok else {
-        let window = state.login.window;
-        state.login.counters.increment(&email_key, window).await?;
-        state.login.counters.increment(&ip_key, window).await?;
         return Err(refused());
     };
     state.login.counters.reset(&email_key).await?;
+    state.login.counters.decrement(&ip_key).await?;
     session(&state, user)
 }
 

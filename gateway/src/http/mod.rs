@@ -34,7 +34,8 @@ pub struct LoginLimits {
     pub max_failures_per_email: u64,
     pub max_failures_per_ip: u64,
     pub window: std::time::Duration,
-    pub trust_forwarded_for: bool,
+    /// Proxies in front of the gateway that append to `X-Forwarded-For`.
+    pub trusted_proxy_hops: usize,
 }
 
 pub fn router(state: HttpState) -> Router {

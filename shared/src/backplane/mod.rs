@@ -27,8 +27,8 @@ pub use keys::Keys;
 pub use memory::MemoryBackplane;
 pub use redis_ingest::RedisIngest;
 pub use redis_pubsub::RedisBackplane;
-pub(crate) use redis_util::count_script;
 pub use redis_util::{connect_client, durability_warnings};
+pub(crate) use redis_util::{count_script, uncount_script};
 
 use crate::wire::{ChatMessage, RoomEvent};
 use async_trait::async_trait;

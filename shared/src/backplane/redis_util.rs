@@ -77,6 +77,7 @@ pub(super) struct Scripts {
     pub complete: Script,
     pub heartbeat: Script,
     pub count: Script,
+    pub uncount: Script,
     pub seed: Script,
 }
 
@@ -89,6 +90,7 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     complete: Script::from_lua(include_str!("scripts/complete.lua")),
     heartbeat: Script::from_lua(include_str!("scripts/heartbeat.lua")),
     count: Script::from_lua(include_str!("scripts/count.lua")),
+    uncount: Script::from_lua(include_str!("scripts/uncount.lua")),
     seed: Script::from_lua(include_str!("scripts/seed.lua")),
 });
 
@@ -203,6 +205,14 @@ pub(super) async fn wait_for_replicas(
         return Err(BackplaneError::NotReplicated { confirmed, wanted });
     }
     Ok(())
+}
+
+/// Takes one back from a fixed-window counter that still exists (`uncount.lua`).
+pub(crate) async fn uncount_script(client: &Client, key: &str) -> Result<i64, fred::error::Error> {
+    SCRIPTS
+        .uncount
+        .evalsha_with_reload(client, vec![key.to_owned()], Vec::<String>::new())
+        .await
 }
 
 /// Adds one to a fixed-window counter (`count.lua`); returns the new count.
