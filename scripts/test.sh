@@ -64,9 +64,11 @@ if [ -d "$snapshot/crates" ] && ! cmp -s "$snapshot/SNAPSHOT.md" "$advisories/SN
 fi
 if [ -d "$advisories/.git" ]; then
   cargo deny --offline check advisories
-else
+elif [ -n "${CI:-}" ]; then
   echo "no RustSec snapshot in $snapshot: cargo deny check advisories cannot run offline" >&2
   exit 1
+else
+  echo "no RustSec snapshot in $snapshot: advisories not checked (CI requires it)"
 fi
 
 step "cargo test (unit and integration, real Redis and SecantusDB)"
