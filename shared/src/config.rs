@@ -7,8 +7,9 @@ use std::fmt;
 /// Where Redis is and how our names in it start.
 #[derive(Args, Debug, Clone)]
 pub struct RedisSettings {
-    /// Redis URL (`redis://[user:password@]host:port[/db]`; default
-    /// `redis://127.0.0.1:6379`). Its value is never printed: it may hold a password. For
+    /// Redis URL: one node, `redis://[user:password@]host:port[/db]` (default
+    /// `redis://127.0.0.1:6379`), or a Redis Cluster,
+    /// `redis-cluster://[user:password@]host:port?node=host:port&node=host:port`. Its value is never printed: it may hold a password. For
     /// the gateway, setting it (with MONGODB_URI) selects the distributed mode.
     #[arg(long = "redis-url", env = "REDIS_URL", hide_env_values = true)]
     pub url: Option<String>,
