@@ -451,6 +451,11 @@ async fn messages_history_and_rest_posts_reach_sockets() {
     for (body, message) in [
         (json!({ "content": "" }), "content must not be empty"),
         (json!({ "content": 12 }), "content must be a string"),
+        (json!({ "content": " \n " }), "content must not be blank"),
+        (
+            json!({ "content": "\u{1b}[2Jcleared" }),
+            "content must not contain control characters",
+        ),
         (
             json!({ "content": "x".repeat(10_001) }),
             "content must be at most 10000 characters",
@@ -688,4 +693,61 @@ async fn the_client_address_is_taken_only_from_trusted_proxies() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_emails_that_would_forge_what_others_see_are_refused() {
+    let app = TestApp::spawn(1).await;
+    let register = |email: &str, name: &str| {
+        app.call(
+            "POST",
+            "/auth/register",
+            None,
+            Some(json!({ "email": email, "password": "password123", "displayName": name })),
+        )
+    };
+    for (email, name, message) in [
+        (
+            "a\u{0}b@example.com",
+            "ok",
+            "email must be a valid email address",
+        ),
+        (
+            "evil\u{202E}@example.com",
+            "ok",
+            "email must be a valid email address",
+        ),
+        (
+            "<a>@example.com",
+            "ok",
+            "email must be a valid email address",
+        ),
+        (
+            "c@example.com",
+            "\u{1b}[31mred",
+            "displayName must not contain control or text-direction characters",
+        ),
+        (
+            "d@example.com",
+            "\u{200B}\u{200B}",
+            "displayName must not be empty",
+        ),
+    ] {
+        let (status, body) = register(email, name).await;
+        assert_eq!(
+            (status, body),
+            (StatusCode::BAD_REQUEST, nest(400, "Bad Request", message)),
+            "{email:?} {name:?}"
+        );
+    }
+    let (ann, _) = app.user("ann").await;
+    let (status, body) = app
+        .call(
+            "POST",
+            "/chat/rooms",
+            Some(&ann),
+            Some(json!({ "name": "nul\u{0}room", "participantIds": [] })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }

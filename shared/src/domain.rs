@@ -22,7 +22,30 @@ pub fn parse_object_id(field: &str, raw: &str) -> Result<ObjectId, InvalidInput>
         .map_err(|_| InvalidInput(format!("{field} must be a 24-character hex ObjectId")))
 }
 
-/// Message text of 1 to [`MAX_CONTENT_CHARS`] Unicode code points.
+/// Characters that change how text around them is shown without being seen themselves:
+/// bidirectional overrides and isolates (an "RTL override" makes `gnp.exe` read `exe.png`).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
+/// Characters that take no room on screen: a text of only these (and spaces) looks empty.
+fn is_invisible(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{180E}'
+        )
+        || is_bidi_control(c)
+}
+
+/// Control characters (C0, DEL, C1: NUL, the escape that starts terminal sequences…).
+/// Message text may still hold line breaks and tabs.
+fn is_control_in_text(c: char) -> bool {
+    c.is_control() && !matches!(c, '\n' | '\r' | '\t')
+}
+
+/// Message text of 1 to [`MAX_CONTENT_CHARS`] Unicode code points, with something visible
+/// in it and no control characters but line breaks and tabs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageContent(String);
 
@@ -30,6 +53,14 @@ impl MessageContent {
     pub fn parse(raw: String) -> Result<Self, InvalidInput> {
         if raw.is_empty() {
             return Err(InvalidInput("content must not be empty".into()));
+        }
+        if raw.chars().all(is_invisible) {
+            return Err(InvalidInput("content must not be blank".into()));
+        }
+        if raw.chars().any(is_control_in_text) {
+            return Err(InvalidInput(
+                "content must not contain control characters".into(),
+            ));
         }
         // Counting code points (not bytes, not UTF-16 units) matches the contract.
         if raw.chars().count() > MAX_CONTENT_CHARS {
@@ -86,7 +117,10 @@ impl Email {
     pub fn parse(raw: &str) -> Result<Self, InvalidInput> {
         let email = raw.trim().to_lowercase();
         let invalid = || InvalidInput("email must be a valid email address".into());
-        if email.len() > 254 || email.chars().any(char::is_whitespace) {
+        // No spaces, controls, invisible or direction-changing characters, and none of the
+        // characters that only quoted forms allow (`<a>`, `"…"`, comments).
+        let forbidden = |c: char| is_invisible(c) || c.is_control() || "<>()[]\\,;:\"".contains(c);
+        if email.len() > 254 || email.chars().any(forbidden) {
             return Err(invalid());
         }
         let (local, domain) = email.split_once('@').ok_or_else(invalid)?;
@@ -136,11 +170,17 @@ pub fn check_new_password(raw: &str) -> Result<(), InvalidInput> {
 /// Longest display name or room name, in characters.
 pub const MAX_NAME_CHARS: usize = 100;
 
-/// Trims a display or room name and checks its length.
+/// Trims a display or room name and checks it: something visible, no control or
+/// direction-changing characters (they would forge what other users see), and its length.
 pub fn parse_name(field: &str, raw: &str) -> Result<String, InvalidInput> {
     let name = raw.trim();
-    if name.is_empty() {
+    if name.is_empty() || name.chars().all(is_invisible) {
         return Err(InvalidInput(format!("{field} must not be empty")));
+    }
+    if name.chars().any(|c| c.is_control() || is_bidi_control(c)) {
+        return Err(InvalidInput(format!(
+            "{field} must not contain control or text-direction characters"
+        )));
     }
     if name.chars().count() > MAX_NAME_CHARS {
         return Err(InvalidInput(format!(
@@ -175,6 +215,28 @@ mod tests {
         assert!(MessageContent::parse("é".repeat(MAX_CONTENT_CHARS)).is_ok());
         assert!(MessageContent::parse("😀".repeat(MAX_CONTENT_CHARS)).is_ok());
         assert!(MessageContent::parse("a".repeat(MAX_CONTENT_CHARS + 1)).is_err());
+        // Line breaks and tabs are text; blanks, NUL and terminal escapes are not.
+        assert!(MessageContent::parse("line 1\nline 2\tend".into()).is_ok());
+        for bad in [" ", " \n\t ", "\u{200B}\u{200B}", "a\0b", "\u{1b}[31mred"] {
+            assert!(MessageContent::parse(bad.into()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(parse_name("name", "  Ann Lee ").unwrap(), "Ann Lee");
+        assert!(parse_name("name", "Zoë 🙂").is_ok());
+        for bad in [
+            "",
+            "   ",
+            "\u{200B}\u{200D}",
+            "a\0b",
+            "\u{1b}[2Jx",
+            "evil\u{202E}gnp.exe",
+            "tab\tname",
+        ] {
+            assert!(parse_name("name", bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -184,7 +246,18 @@ mod tests {
             "ann@example.com"
         );
         for bad in [
-            "", "ann", "ann@", "@x.y", "a@b", "a b@c.d", "a@b@c.d", "a@.b",
+            "",
+            "ann",
+            "ann@",
+            "@x.y",
+            "a@b",
+            "a b@c.d",
+            "a@b@c.d",
+            "a@.b",
+            "a\0b@c.d",
+            "a\u{202E}b@c.d",
+            "<a>@c.d",
+            "\"a\"@c.d",
         ] {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
