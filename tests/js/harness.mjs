@@ -63,11 +63,14 @@ async function startCluster(start, dirs) {
   const ports = [];
   for (let i = 0; i < 6; i++) {
     const port = await freePort();
+    // The bus port too: by default Redis takes port + 10000, which may be taken or too high.
+    const busPort = await freePort();
     const dir = mkdtempSync(path.join(tmpdir(), 'chat-js-redis-'));
     dirs.push(dir);
     const node = start(`redis${i}`, process.env.REDIS_SERVER || 'redis-server', [
       '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
       '--cluster-enabled', 'yes', '--cluster-config-file', 'nodes.conf', '--dir', dir,
+      '--cluster-port', String(busPort),
     ]);
     await waitForPort(port, `redis${i}`, node);
     ports.push(port);

@@ -227,6 +227,9 @@ pub struct RedisCluster {
 
 pub struct ClusterNode {
     pub port: u16,
+    /// The cluster bus port, chosen free too: by default Redis takes `port + 10000`, which
+    /// may be taken, or past 65535.
+    bus_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -250,6 +253,7 @@ impl ClusterNode {
                 "--cluster-config-file",
                 "nodes.conf",
             ])
+            .args(["--cluster-port", &self.bus_port.to_string()])
             // Fail over within about two seconds of a master's death.
             .args(["--cluster-node-timeout", "1000"])
             .arg("--dir")
@@ -294,6 +298,7 @@ impl RedisCluster {
         let mut nodes: Vec<ClusterNode> = (0..6)
             .map(|_| ClusterNode {
                 port: free_port(),
+                bus_port: free_port(),
                 dir: tempfile::tempdir().unwrap(),
                 child: None,
             })
