@@ -117,7 +117,8 @@ async fn message_reaches_members_on_both_gateways_exactly_once() {
     let (bob, bob_id) = app.user("bob").await;
     let (cat, _) = app.user("cat").await;
     let room = app.room(&ann, &[&bob_id]).await;
-    let cats_room = app.room(&cat, &[&ann_id]).await;
+    // Its messages serve as barriers for `room`'s.
+    let cats_room = app.room_beside(&cat, &[&ann_id], &room).await;
 
     let mut a = app.member(0, &ann, &[&room, &cats_room]).await;
     let a2 = app.member(1, &ann, &[&room]).await; // the sender's second tab, on the other gateway
@@ -211,7 +212,8 @@ async fn join_leave_and_membership() {
     let (bob, bob_id) = app.user("bob").await;
     let (eve, _) = app.user("eve").await;
     let room = app.room(&ann, &[&bob_id]).await;
-    let other = app.room(&ann, &[&bob_id]).await;
+    // Its messages serve as barriers for `room`'s.
+    let other = app.room_beside(&ann, &[&bob_id], &room).await;
 
     let mut e = SioClient::with_token(app.port(0), &eve).await;
     let ack = e.request("join_room", json!({ "roomId": room })).await;

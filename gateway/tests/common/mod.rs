@@ -420,6 +420,22 @@ impl TestApp {
         body["_id"].as_str().unwrap().to_owned()
     }
 
+    /// Creates rooms like [`TestApp::room`] until one falls in the same ingest partition as
+    /// `room`. Messages of one partition are stored and published in one order, so a message
+    /// in that room is a barrier for `room`: anything of `room` published before it arrives
+    /// before it. (Rooms of different partitions have no order between them.)
+    pub async fn room_beside(&self, token: &str, others: &[&str], room: &str) -> String {
+        let keys = shared::backplane::Keys::new(&self.prefix, 16);
+        let partition = keys.partition_of(&room.parse().unwrap());
+        for _ in 0..500 {
+            let candidate = self.room(token, others).await;
+            if self.embedded || keys.partition_of(&candidate.parse().unwrap()) == partition {
+                return candidate;
+            }
+        }
+        panic!("no room in partition {partition} after 500 tries");
+    }
+
     /// Connects a socket to `gateway` and joins `rooms`.
     pub async fn member(&self, gateway: usize, token: &str, rooms: &[&str]) -> SioClient {
         let mut client = SioClient::with_token(self.port(gateway), token).await;
