@@ -8,7 +8,7 @@ mod common;
 
 use common::servers::redis_cli;
 use common::sio::{SioClient, TIMEOUT};
-use common::{TestApp, eventually, history, metric, receive_until, wait_ready};
+use common::{TestApp, eventually, history, metric, partition_shares, receive_until, wait_ready};
 use serde_json::{Value, json};
 use shared::backplane::Keys;
 use std::time::{Duration, Instant};
@@ -93,16 +93,7 @@ async fn partitions_spread_over_every_persister_and_move_when_one_dies_or_pauses
     let admins: Vec<u16> = persisters.iter().map(|(_, admin)| *admin).collect();
     // Each of the three holds 5 or 6 partitions, and every partition has exactly one holder.
     eventually("16 partitions shared out 6/5/5", TIMEOUT, || async {
-        let mut owned = Vec::new();
-        for admin in &admins {
-            owned.push(
-                metric(*admin, "chat_persister_partitions_owned")
-                    .await
-                    .unwrap_or(0.0),
-            );
-        }
-        owned.sort_by(f64::total_cmp);
-        owned == [5.0, 5.0, 6.0]
+        partition_shares(&admins).await == [5.0, 5.0, 6.0]
     })
     .await;
     let held = holders(&app).await;
@@ -281,21 +272,52 @@ async fn a_master_killed_mid_flow_loses_no_acknowledged_message() {
 /// every pub/sub connection of every node is dropped at once, while messages flow. The
 /// gateways subscribe again by themselves (as Redis itself counts), are ready again, and
 /// live delivery goes on.
-async fn a_dropped_pubsub_connection_is_resubscribed(cluster: bool) {
-    let Some(mut app) = app_on(0, cluster).await else {
-        return;
-    };
-    // Gateway processes, so that each has its own metrics.
+/// Two gateway processes (each with metrics of its own) and a persister process, and a
+/// room with a member on each gateway, both subscribed as Redis counts them.
+struct TwoMembers {
+    app: TestApp,
+    _persister: common::procs::Proc,
+    room: String,
+    channel: String,
+    a: SioClient,
+    b: SioClient,
+}
+
+async fn two_members(cluster: bool) -> Option<TwoMembers> {
+    let mut app = app_on(0, cluster).await?;
     app.gateway_process(&[]).await;
     app.gateway_process(&[]).await;
-    let (_p, _) = app.persister_process("p1", &[]).await;
+    let (persister, _) = app.persister_process("p1", &[]).await;
     let (ann, _) = app.user("ann").await;
     let (bob, bob_id) = app.user("bob").await;
     let room = app.room(&ann, &[&bob_id]).await;
-    let mut a = app.member(0, &ann, &[&room]).await;
+    let a = app.member(0, &ann, &[&room]).await;
     let b = app.member(1, &bob, &[&room]).await;
     let channel = Keys::new(&app.prefix, 16).room_channel(&room.parse().unwrap());
     app.wait_shard_numsub(&channel, 2).await;
+    Some(TwoMembers {
+        app,
+        _persister: persister,
+        room,
+        channel,
+        a,
+        b,
+    })
+}
+
+async fn a_dropped_pubsub_connection_is_resubscribed(cluster: bool) {
+    let Some(TwoMembers {
+        app,
+        room,
+        channel,
+        mut a,
+        b,
+        // Bound, not `..`: an unbound field would be dropped here, and the process with it.
+        _persister,
+    }) = two_members(cluster).await
+    else {
+        return;
+    };
     let resubscribes = |admin| async move {
         metric(admin, "chat_gateway_resubscribes_total")
             .await
@@ -343,19 +365,18 @@ async fn a_dropped_pubsub_connection_is_resubscribed_on_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_channel_whose_slot_moves_to_another_shard_is_subscribed_there() {
-    let Some(mut app) = app_on(0, true).await else {
+    let Some(TwoMembers {
+        app,
+        room,
+        channel,
+        mut a,
+        b,
+        // Bound, not `..`: an unbound field would be dropped here, and the process with it.
+        _persister,
+    }) = two_members(true).await
+    else {
         return;
     };
-    app.gateway_process(&[]).await;
-    app.gateway_process(&[]).await;
-    let (_p, _) = app.persister_process("p1", &[]).await;
-    let (ann, _) = app.user("ann").await;
-    let (bob, bob_id) = app.user("bob").await;
-    let room = app.room(&ann, &[&bob_id]).await;
-    let mut a = app.member(0, &ann, &[&room]).await;
-    let b = app.member(1, &bob, &[&room]).await;
-    let channel = Keys::new(&app.prefix, 16).room_channel(&room.parse().unwrap());
-    app.wait_shard_numsub(&channel, 2).await;
 
     // Move the slot of the room's partition (its stream, lease and channel) to another
     // master, the way `redis-cli --cluster reshard` does.

@@ -458,17 +458,9 @@ async fn persisters_started_with_one_name_share_the_partitions_and_keep_the_orde
     for _ in 0..3 {
         persisters.push(app.persister_process("same", &[]).await);
     }
+    let admins: Vec<u16> = persisters.iter().map(|(_, admin)| *admin).collect();
     eventually("the partitions are shared out 6/5/5", TIMEOUT, || async {
-        let mut owned = Vec::new();
-        for (_, admin) in &persisters {
-            owned.push(
-                metric(*admin, "chat_persister_partitions_owned")
-                    .await
-                    .unwrap_or(0.0),
-            );
-        }
-        owned.sort_by(f64::total_cmp);
-        owned == [5.0, 5.0, 6.0]
+        common::partition_shares(&admins).await == [5.0, 5.0, 6.0]
     })
     .await;
     let (ann, _) = app.user("ann").await;

@@ -555,3 +555,17 @@ pub async fn receive_until(client: &SioClient, id: &Value) {
         }
     }
 }
+
+/// The partitions each persister (by admin port) holds, smallest first.
+pub async fn partition_shares(admin_ports: &[u16]) -> Vec<f64> {
+    let mut owned = Vec::new();
+    for admin in admin_ports {
+        owned.push(
+            metric(*admin, "chat_persister_partitions_owned")
+                .await
+                .unwrap_or(0.0),
+        );
+    }
+    owned.sort_by(f64::total_cmp);
+    owned
+}
