@@ -120,12 +120,7 @@ async fn partitions_spread_over_every_persister_and_move_when_one_dies_or_pauses
         sent[r].extend(send_all(&mut a, room, "before", 30).await);
     }
     persisters[0].0.kill();
-    let paused = persisters[1].0.pid();
-    let stop = std::process::Command::new("kill")
-        .args(["-STOP", &paused.to_string()])
-        .status()
-        .unwrap();
-    assert!(stop.success());
+    persisters[1].0.signal("STOP");
     for (r, room) in rooms.iter().enumerate() {
         sent[r].extend(send_all(&mut a, room, "during", 30).await);
     }
@@ -136,11 +131,7 @@ async fn partitions_spread_over_every_persister_and_move_when_one_dies_or_pauses
         || async { metric(admins[2], "chat_persister_partitions_owned").await == Some(16.0) },
     )
     .await;
-    let cont = std::process::Command::new("kill")
-        .args(["-CONT", &paused.to_string()])
-        .status()
-        .unwrap();
-    assert!(cont.success());
+    persisters[1].0.signal("CONT");
     for (r, room) in rooms.iter().enumerate() {
         sent[r].extend(send_all(&mut a, room, "after", 30).await);
     }

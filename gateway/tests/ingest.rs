@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::TestApp;
 use common::servers::Redis;
+use common::{TestApp, chat_message as message};
 use serde_json::json;
 use shared::ObjectId;
 use shared::backplane::{
@@ -13,7 +13,7 @@ use shared::backplane::{
     RedisIngest, group_by_room,
 };
 use shared::config::RedisSettings;
-use shared::wire::{ChatMessage, Sender, now_millis};
+use shared::wire::ChatMessage;
 use std::time::Duration;
 
 fn redis_settings(redis: &Redis, prefix: &str) -> RedisSettings {
@@ -21,21 +21,6 @@ fn redis_settings(redis: &Redis, prefix: &str) -> RedisSettings {
         url: Some(redis.url()),
         prefix: prefix.to_owned(),
         pubsub_capacity: 1024,
-    }
-}
-
-fn message(room: ObjectId, content: &str) -> ChatMessage {
-    ChatMessage {
-        id: ObjectId::new(),
-        room_id: room,
-        sender: Sender {
-            id: ObjectId::new(),
-            email: None,
-            display_name: None,
-        },
-        content: content.into(),
-        created_at: now_millis(),
-        seq: None,
     }
 }
 

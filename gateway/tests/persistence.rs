@@ -7,7 +7,7 @@ use common::TestApp;
 use serde_json::json;
 use shared::ObjectId;
 use shared::store::{SequencedMessage, Store};
-use shared::wire::{ChatMessage, Sender, now_millis};
+use shared::wire::ChatMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_acknowledged_while_no_persister_runs_are_stored_and_delivered_later() {
@@ -50,18 +50,7 @@ async fn store_insert_is_idempotent_by_message_id() {
     let app = TestApp::spawn(0).await;
     let store = app.store().await;
     let room = ObjectId::new();
-    let message = |content: &str| ChatMessage {
-        id: ObjectId::new(),
-        room_id: room,
-        sender: Sender {
-            id: ObjectId::new(),
-            email: None,
-            display_name: None,
-        },
-        content: content.into(),
-        created_at: now_millis(),
-        seq: None,
-    };
+    let message = |content: &str| common::chat_message(room, content);
     // Sequence numbers, not ids, give the order (ids from several gateways interleave).
     let seq = |n: i64, m: ChatMessage| SequencedMessage { seq: n, message: m };
     let first = vec![seq(1, message("a")), seq(2, message("b"))];

@@ -569,3 +569,20 @@ pub async fn partition_shares(admin_ports: &[u16]) -> Vec<f64> {
     owned.sort_by(f64::total_cmp);
     owned
 }
+
+/// A message as a gateway builds it before appending (no sequence number yet), from a new
+/// sender, for tests that talk to the backplane or the store directly.
+pub fn chat_message(room: shared::ObjectId, content: &str) -> shared::wire::ChatMessage {
+    shared::wire::ChatMessage {
+        id: shared::ObjectId::new(),
+        room_id: room,
+        sender: shared::wire::Sender {
+            id: shared::ObjectId::new(),
+            email: None,
+            display_name: None,
+        },
+        content: content.into(),
+        created_at: shared::wire::now_millis(),
+        seq: None,
+    }
+}

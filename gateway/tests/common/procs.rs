@@ -55,11 +55,16 @@ impl Proc {
 
     /// SIGTERM: the graceful path.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `STOP`, `CONT`…).
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([&format!("-{name}"), &self.pid().to_string()])
             .status()
             .unwrap();
-        assert!(status.success(), "kill -TERM {}", self.pid());
+        assert!(status.success(), "kill -{name} {}", self.pid());
     }
 
     /// Waits for the process to exit.
