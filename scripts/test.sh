@@ -71,6 +71,13 @@ else
   echo "no RustSec snapshot in $snapshot: advisories not checked (CI requires it)"
 fi
 
+step "unused dependencies (cargo machete)"
+if ! command -v cargo-machete >/dev/null 2>&1; then
+  echo "installing cargo-machete"
+  cargo install --locked --quiet cargo-machete
+fi
+cargo machete
+
 step "cargo test (unit and integration, real Redis and SecantusDB)"
 # The fault tests run the gateway and persister binaries as processes.
 cargo build --workspace --locked --bins
