@@ -2,13 +2,15 @@
 
 use crate::chat::Chat;
 use crate::drain::Drain;
+use crate::feed::FeedLimits;
 use crate::http::{self, HttpState, LoginLimits};
+use crate::limits::{Limits, Rate, UserLimiter};
 use crate::rooms::{Fanout, RoomRegistry};
 use crate::settings::{Mode, Settings};
-use crate::socket::{self, Connections, EventLimits, SocketState};
+use crate::socket::{self, Connections, SocketState};
 use anyhow::{Context, anyhow};
 use shared::admin::listen;
-use shared::backplane::{Backplane, MemoryBackplane, RedisBackplane, RoomEventSink};
+use shared::backplane::{Backplane, MemoryBackplane, MissedSink, RedisBackplane, RoomEventSink};
 use shared::config::Secret;
 use shared::counters::{Counters, MemoryCounters, RedisCounters};
 use shared::jwt::JwtKeys;
@@ -121,6 +123,14 @@ impl Application {
                 secret.expose().len()
             ));
         }
+        // A replay is written into the socket's buffer at once; a full buffer cuts it off.
+        if settings.replay_limit >= settings.socket_buffer_size as u64 {
+            return Err(anyhow!(
+                "REPLAY_LIMIT ({}) must be smaller than SOCKET_BUFFER_SIZE ({})",
+                settings.replay_limit,
+                settings.socket_buffer_size
+            ));
+        }
         if settings.jwt_expires_in <= 0 {
             return Err(anyhow!(
                 "JWT_EXPIRES_IN must be a positive number of seconds"
@@ -155,18 +165,27 @@ impl Application {
 
         // The backplane delivers room events to the sockets of this process; the Socket.IO
         // server is built after it and handed to the fan-out then.
-        let fanout = Arc::new(Fanout::new(settings.dedupe_window));
+        let fanout = Arc::new(Fanout::new());
         let sink: RoomEventSink = {
             let fanout = fanout.clone();
-            Arc::new(move |event| fanout.deliver(&event))
+            Arc::new(move |event| fanout.deliver(event))
+        };
+        let missed: MissedSink = {
+            let fanout = fanout.clone();
+            Arc::new(move || fanout.missed())
         };
         let (backplane, counters, embedded): (Arc<dyn Backplane>, Arc<dyn Counters>, _) = match mode
         {
             Mode::Distributed => (
                 Arc::new(
-                    RedisBackplane::connect_with_sink(&settings.redis, &settings.ingest, sink)
-                        .await
-                        .context("connecting to Redis (REDIS_URL)")?,
+                    RedisBackplane::connect_with_sink(
+                        &settings.redis,
+                        &settings.ingest,
+                        sink,
+                        missed,
+                    )
+                    .await
+                    .context("connecting to Redis (REDIS_URL)")?,
                 ),
                 Arc::new(RedisCounters::new(
                     shared::backplane::connect_client(&settings.redis)
@@ -196,7 +215,25 @@ impl Application {
             backplane: backplane.clone(),
             jwt,
         };
-        let rooms = Arc::new(RoomRegistry::new(backplane.clone()));
+        let rooms = RoomRegistry::new(
+            backplane.clone(),
+            store.clone(),
+            FeedLimits {
+                gap_repair_max: settings.gap_repair_max.max(1),
+                replay_limit: settings.replay_limit,
+            },
+        );
+        let limits = Arc::new(Limits {
+            events: UserLimiter::new(Rate {
+                per_second: settings.events_per_second,
+                burst: settings.event_burst,
+            }),
+            joins: UserLimiter::new(Rate {
+                per_second: settings.joins_per_second,
+                burst: settings.join_burst,
+            }),
+            disconnect_after: settings.rate_limit_disconnect_after.max(1),
+        });
         let (layer, io) = SocketIo::builder()
             .max_buffer_size(settings.socket_buffer_size)
             .ping_interval(Duration::from_secs(settings.ping_interval_secs.max(1)))
@@ -213,24 +250,26 @@ impl Application {
                 chat: chat.clone(),
                 rooms: rooms.clone(),
                 membership_ttl: Duration::from_secs(settings.membership_cache_secs),
-                limits: EventLimits {
-                    per_second: settings.events_per_second,
-                    burst: settings.event_burst.max(1.0),
-                    disconnect_after: settings.rate_limit_disconnect_after.max(1),
-                },
+                limits: limits.clone(),
+                users: Arc::new(crate::user_lookup::UserLookup::new(store.clone())),
                 connections: Arc::new(Connections::new(settings.max_connections_per_user)),
             })
             .build_layer();
         socket::register(&io);
+        rooms.attach(io.clone());
         fanout.attach(io.clone(), rooms);
 
         let mut api_router = http::router(HttpState {
             chat,
+            limits,
             drain: drain_state.clone(),
+            hasher: Arc::new(http::hashing::Hasher::new()),
             login: LoginLimits {
                 counters,
                 max_failures_per_email: settings.login_max_failures_per_email,
                 max_failures_per_ip: settings.login_max_failures_per_ip,
+                max_registrations_per_ip: settings.register_max_per_ip,
+                max_lookups_per_user: settings.user_lookups_per_user,
                 window: Duration::from_secs(settings.login_window_secs.max(1)),
                 trusted_proxy_hops: settings.trusted_proxy_hops,
             },

@@ -65,8 +65,8 @@ proptest! {
 
     #[test]
     fn event_payloads(v in any_json()) {
-        if let Err(e) = payload::room_id(Some(v.clone())) { typed(e) }
-        if let Err(e) = payload::send_message(Some(v.clone())) { typed(e) }
+        if let Err(e) = payload::room_id(Ok(v.clone())) { typed(e) }
+        if let Err(e) = payload::send_message(Ok(v.clone())) { typed(e) }
         if let Err(e) = payload::client_msg_id(Some(v.clone())) { typed(e) }
     }
 

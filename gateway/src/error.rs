@@ -35,6 +35,12 @@ pub enum ChatError {
         message: String,
         retry_after_secs: u64,
     },
+    /// Too much work queued (password hashing): HTTP 503 with `Retry-After`, `UNAVAILABLE`.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// Redis or MongoDB failed: HTTP 503, `UNAVAILABLE`. The cause is logged, not shown.
     #[error("service temporarily unavailable")]
     Unavailable(String),
@@ -44,6 +50,14 @@ pub enum ChatError {
 }
 
 impl ChatError {
+    /// The password hashing queue is full.
+    pub fn busy() -> Self {
+        ChatError::Busy {
+            message: "too many sign-ins at once, try again shortly".into(),
+            retry_after_secs: 1,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ChatError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -52,7 +66,7 @@ impl ChatError {
             ChatError::NotFound(_) => StatusCode::NOT_FOUND,
             ChatError::Conflict(_) => StatusCode::CONFLICT,
             ChatError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ChatError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ChatError::Unavailable(_) | ChatError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ChatError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -64,7 +78,9 @@ impl ChatError {
             ChatError::Forbidden(_) => ErrorCode::Forbidden,
             ChatError::NotFound(_) => ErrorCode::NotFound,
             ChatError::RateLimited { .. } => ErrorCode::RateLimited,
-            ChatError::Unavailable(_) | ChatError::Internal(_) => ErrorCode::Unavailable,
+            ChatError::Unavailable(_) | ChatError::Busy { .. } | ChatError::Internal(_) => {
+                ErrorCode::Unavailable
+            }
         }
     }
 
@@ -78,6 +94,7 @@ impl ChatError {
             ChatError::Conflict(_) => "conflict",
             ChatError::RateLimited { .. } => "rate_limited",
             ChatError::Unavailable(_) => "unavailable",
+            ChatError::Busy { .. } => "busy",
             ChatError::Internal(_) => "internal",
         }
     }
@@ -141,6 +158,9 @@ impl IntoResponse for ChatError {
         });
         let mut response = (status, Json(body)).into_response();
         if let ChatError::RateLimited {
+            retry_after_secs, ..
+        }
+        | ChatError::Busy {
             retry_after_secs, ..
         } = self
         {

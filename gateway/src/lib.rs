@@ -12,11 +12,14 @@ mod chat;
 mod decode_props;
 mod drain;
 mod error;
+mod feed;
 mod http;
+mod limits;
 mod rooms;
 mod settings;
 mod socket;
 mod telemetry;
+mod user_lookup;
 
 pub use app::Application;
 pub use settings::{Mode, Settings};

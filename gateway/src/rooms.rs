@@ -4,15 +4,19 @@
 //! subscribes on the first local join and unsubscribes after the last local member left,
 //! so a gateway receives only the traffic of its own rooms.
 
+use crate::error::ChatError;
+use crate::feed::{FeedHandle, FeedLimits};
 use crate::socket::session::Session;
+use serde::Serialize;
 use shared::ObjectId;
-use shared::backplane::{Backplane, BackplaneError};
-use shared::wire::{MemberRemoved, RoomEvent};
+use shared::backplane::Backplane;
+use shared::store::Store;
+use shared::wire::{ChatMessage, MemberRemoved, RoomEvent};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::DisconnectReason;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex as StdMutex, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock, Weak};
 use tokio::sync::Mutex;
 
 /// The Socket.IO namespace of the chat.
@@ -28,75 +32,217 @@ pub fn user_key(user: &ObjectId) -> String {
     format!("user:{}", user.to_hex())
 }
 
-/// Reference counts of local members per room, kept in step with Redis subscriptions.
+/// A room's local members, counted.
+#[derive(Default)]
+struct Slot {
+    count: usize,
+    /// Set when the slot left the map (its last member left): whoever locks it after that
+    /// takes a new one.
+    retired: bool,
+}
+
+/// Reference counts of local members per room, kept in step with Redis subscriptions, and
+/// the ordered feed ([`crate::feed`]) of every room with local members.
 pub struct RoomRegistry {
     backplane: Arc<dyn Backplane>,
-    // An async mutex: the first join of a room waits for its subscription while holding it,
-    // so a concurrent leave cannot unsubscribe in between.
-    members: Mutex<HashMap<ObjectId, usize>>,
+    store: Arc<dyn Store>,
+    limits: FeedLimits,
+    io: OnceLock<SocketIo>,
+    myself: Weak<RoomRegistry>,
+    /// One slot per room with local members. Each has its own async lock: the first join of
+    /// a room waits for the subscription and the store while holding its room's lock only,
+    /// so a concurrent leave cannot unsubscribe in between, and joins of other rooms go on.
+    members: StdMutex<HashMap<ObjectId, Arc<Mutex<Slot>>>>,
+    /// Read on the backplane's task for every event, written on joins and leaves.
+    feeds: RwLock<HashMap<ObjectId, FeedHandle>>,
 }
 
 impl RoomRegistry {
-    pub fn new(backplane: Arc<dyn Backplane>) -> Self {
-        Self {
+    pub fn new(
+        backplane: Arc<dyn Backplane>,
+        store: Arc<dyn Store>,
+        limits: FeedLimits,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|myself| Self {
             backplane,
-            members: Mutex::new(HashMap::new()),
+            store,
+            limits,
+            io: OnceLock::new(),
+            myself: myself.clone(),
+            members: StdMutex::default(),
+            feeds: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The Socket.IO server exists after the registry; it is attached then.
+    pub fn attach(&self, io: SocketIo) {
+        let _ = self.io.set(io);
+    }
+
+    /// The slot of a room, made when missing.
+    fn slot(&self, room: ObjectId) -> Arc<Mutex<Slot>> {
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(room)
+            .or_default()
+            .clone()
+    }
+
+    /// Counts one more local member, subscribing and starting the room's feed first if it is
+    /// the first. Returns the feed.
+    pub async fn acquire(&self, room: ObjectId) -> Result<FeedHandle, ChatError> {
+        loop {
+            let entry = self.slot(room);
+            let mut slot = entry.lock().await;
+            if slot.retired {
+                continue;
+            }
+            if slot.count > 0
+                && let Some(feed) = self.feed(&room)
+            {
+                slot.count += 1;
+                return Ok(feed);
+            }
+            match self.start_feed(room).await {
+                Ok(feed) => {
+                    slot.count += 1;
+                    return Ok(feed);
+                }
+                Err(error) => {
+                    // Nobody is in the room here: leave no empty slot behind.
+                    if slot.count == 0 {
+                        slot.retired = true;
+                        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+                        if members.get(&room).is_some_and(|s| Arc::ptr_eq(s, &entry)) {
+                            members.remove(&room);
+                        }
+                    }
+                    return Err(error);
+                }
+            }
         }
     }
 
-    /// Counts one more local member, subscribing first if it is the first.
-    pub async fn acquire(&self, room: ObjectId) -> Result<(), BackplaneError> {
-        let mut members = self.members.lock().await;
-        let count = members.get(&room).copied().unwrap_or(0);
-        if count == 0 {
-            self.backplane.subscribe(room).await?;
-            metrics::gauge!("chat_gateway_rooms_local").increment(1);
-        }
-        members.insert(room, count + 1);
-        Ok(())
+    /// Subscribes to a room and starts its feed.
+    async fn start_feed(&self, room: ObjectId) -> Result<FeedHandle, ChatError> {
+        let io = self
+            .io
+            .get()
+            .cloned()
+            .ok_or_else(|| ChatError::Unavailable("gateway still starting".into()))?;
+        self.backplane.subscribe(room).await?;
+        // Subscribed first, then positioned: every message stored after this read is
+        // published after the subscription, so the feed sees it.
+        let latest = match self.store.latest_seq(room).await {
+            Ok(latest) => latest,
+            Err(error) => {
+                if let Err(error) = self.backplane.unsubscribe(room).await {
+                    tracing::warn!(%room, %error, "unsubscribe failed");
+                }
+                return Err(error.into());
+            }
+        };
+        let feed = FeedHandle::start(
+            room,
+            latest,
+            self.store.clone(),
+            io,
+            self.myself.clone(),
+            self.limits,
+        );
+        self.feeds
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(room, feed.clone());
+        metrics::gauge!("chat_gateway_rooms_local").increment(1);
+        Ok(feed)
     }
 
     /// Counts one local member less, unsubscribing after the last.
     pub async fn release(&self, room: ObjectId) {
-        let mut members = self.members.lock().await;
-        let Some(count) = members.get_mut(&room) else {
+        let Some(slot) = self
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&room)
+            .cloned()
+        else {
             return;
         };
-        *count -= 1;
-        if *count > 0 {
+        let mut guard = slot.lock().await;
+        if guard.retired || guard.count == 0 {
             return;
         }
-        members.remove(&room);
+        guard.count -= 1;
+        if guard.count > 0 {
+            return;
+        }
+        // Dropping the handle ends the feed's task once its queue is empty.
+        self.feeds
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&room);
         metrics::gauge!("chat_gateway_rooms_local").decrement(1);
+        // Unsubscribed while the slot is still the room's and locked: a join arriving now
+        // waits, and subscribes again only after this.
         if let Err(error) = self.backplane.unsubscribe(room).await {
             // A stale subscription only costs traffic: events for a room without local
             // members reach no socket.
             tracing::warn!(%room, %error, "unsubscribe failed");
         }
+        guard.retired = true;
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        if members.get(&room).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            members.remove(&room);
+        }
+    }
+
+    /// The feed of a room with local members.
+    pub fn feed(&self, room: &ObjectId) -> Option<FeedHandle> {
+        self.feeds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(room)
+            .cloned()
+    }
+
+    /// Asks every local room's feed to compare itself with the store (events may have been
+    /// lost).
+    pub fn check_all(&self) {
+        let feeds = self.feeds.read().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(
+            rooms = feeds.len(),
+            "room events may have been missed: checking every local room against the store"
+        );
+        for feed in feeds.values() {
+            feed.check();
+        }
     }
 }
 
-/// Emits room events to the local sockets of their room.
+/// Routes room events to the local sockets of their room: messages through the room's
+/// feed (ordered and repaired), typing notices straight to the sockets.
 ///
 /// Each socket has a bounded buffer (`SOCKET_BUFFER_SIZE`). A socket whose buffer is full
-/// is a slow consumer: it is disconnected (so its client reconnects and fetches history)
-/// rather than silently missing a message.
-///
-/// A message can be published twice (a persister that died after publishing and before
-/// acknowledging is followed by one that publishes the batch again); the ids of recent
-/// messages are remembered so that each socket still gets each message once.
+/// is a slow consumer: it is disconnected (so its client reconnects and catches up with
+/// `afterSeq`) rather than silently missing a message.
 pub struct Fanout {
     io: OnceLock<SocketIo>,
     rooms: OnceLock<Arc<RoomRegistry>>,
-    recent: StdMutex<RecentIds>,
+}
+
+impl Default for Fanout {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Fanout {
-    pub fn new(remember: usize) -> Self {
+    pub fn new() -> Self {
         Self {
             io: OnceLock::new(),
             rooms: OnceLock::new(),
-            recent: StdMutex::new(RecentIds::new(remember)),
         }
     }
 
@@ -105,6 +251,13 @@ impl Fanout {
     pub fn attach(&self, io: SocketIo, rooms: Arc<RoomRegistry>) {
         let _ = self.io.set(io);
         let _ = self.rooms.set(rooms);
+    }
+
+    /// Events may have been lost: every local room checks itself against the store.
+    pub fn missed(&self) {
+        if let Some(rooms) = self.rooms.get() {
+            rooms.check_all();
+        }
     }
 
     /// Makes a removed participant's local sockets leave the room, and forgets that the
@@ -127,72 +280,71 @@ impl Fanout {
         tracing::info!(user_id = %removed.user_id, room_id = %removed.room_id, "participant removed");
     }
 
-    pub fn deliver(&self, event: &RoomEvent) {
-        if let RoomEvent::Messages(batch) = event {
-            // A persister's batch for one room: each message in order, as if published alone.
-            for message in &batch.messages {
-                self.deliver(&RoomEvent::Message(message.clone()));
-            }
-            return;
-        }
+    pub fn deliver(&self, event: RoomEvent) {
         let Some(io) = self.io.get() else { return };
-        if let RoomEvent::Message(m) = event
-            && !self
-                .recent
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(m.id)
-        {
-            metrics::counter!("chat_gateway_duplicates_suppressed_total").increment(1);
-            return;
-        }
-        let typing = match event {
-            RoomEvent::MemberRemoved(removed) => return self.remove_member(io, removed),
-            RoomEvent::Message(_) => None,
-            RoomEvent::Typing(t) => Some(t),
-            RoomEvent::Messages(_) => return,
-        };
-        let Some(ns) = io.of(NAMESPACE) else { return };
-        let room = room_key(&event.room_id());
-        let (name, sockets): (&str, Vec<SocketRef>) = match typing {
-            None => ("message", ns.to(room).sockets()),
-            Some(t) => (
-                "user_typing",
-                ns.to(room).except(user_key(&t.user_id)).sockets(),
-            ),
-        };
-        if sockets.is_empty() {
-            return;
-        }
-        // Serialised once for the whole room, not once per socket: each socket then only
-        // copies these bytes into its packet.
-        let payload = match event {
-            RoomEvent::Message(m) => serde_json::value::to_raw_value(m),
-            RoomEvent::Typing(t) => serde_json::value::to_raw_value(t),
-            RoomEvent::MemberRemoved(_) | RoomEvent::Messages(_) => return,
-        };
-        let payload = match payload {
-            Ok(payload) => payload,
-            Err(error) => {
-                tracing::error!(%error, "room event not serialisable");
-                return;
+        let (messages, members_version) = match event {
+            RoomEvent::MemberRemoved(removed) => return self.remove_member(io, &removed),
+            RoomEvent::Typing(typing) => {
+                let room = room_key(&typing.room_id);
+                let except = user_key(&typing.user_id);
+                return emit_serialised(io, &room, Some(except), "user_typing", &typing);
             }
+            RoomEvent::Message(message) => (vec![message], None),
+            RoomEvent::Messages(batch) => (batch.messages, batch.members_version),
         };
-        let mut delivered = 0u64;
-        for socket in sockets {
-            let result = socket.emit(name, &payload);
-            match result {
-                Ok(()) => delivered += 1,
-                Err(socketioxide::SendError::Socket(
-                    socketioxide::SocketError::InternalChannelFull,
-                )) => {
-                    disconnect_slow_consumer(socket, name);
-                }
-                Err(error) => tracing::debug!(socket = %socket.id, %error, "emit to closed socket"),
-            }
+        let Some(room) = messages.first().map(|m| m.room_id) else {
+            return;
+        };
+        // No feed: no local member any more (the unsubscription is under way).
+        if let Some(feed) = self.rooms.get().and_then(|rooms| rooms.feed(&room)) {
+            feed.deliver(messages, members_version);
         }
-        metrics::counter!("chat_gateway_deliveries_total", "event" => name).increment(delivered);
     }
+}
+
+/// Emits `message` to every local socket of a room.
+pub fn emit_to_room(io: &SocketIo, room: &str, message: &ChatMessage) {
+    emit_serialised(io, room, None, "message", message);
+}
+
+/// Emits one event to every local socket of a room (but those of `except`), serialised once
+/// for the whole room, not once per socket: each socket then only copies these bytes into
+/// its packet.
+fn emit_serialised<T: Serialize>(
+    io: &SocketIo,
+    room: &str,
+    except: Option<String>,
+    name: &'static str,
+    payload: &T,
+) {
+    let Some(ns) = io.of(NAMESPACE) else { return };
+    let sockets: Vec<SocketRef> = match except {
+        None => ns.to(room.to_owned()).sockets(),
+        Some(except) => ns.to(room.to_owned()).except(except).sockets(),
+    };
+    if sockets.is_empty() {
+        return;
+    }
+    let payload = match serde_json::value::to_raw_value(payload) {
+        Ok(payload) => payload,
+        Err(error) => {
+            tracing::error!(%error, "room event not serialisable");
+            return;
+        }
+    };
+    let mut delivered = 0u64;
+    for socket in sockets {
+        match socket.emit(name, &payload) {
+            Ok(()) => delivered += 1,
+            Err(socketioxide::SendError::Socket(
+                socketioxide::SocketError::InternalChannelFull,
+            )) => {
+                disconnect_slow_consumer(socket, name);
+            }
+            Err(error) => tracing::debug!(socket = %socket.id, %error, "emit to closed socket"),
+        }
+    }
+    metrics::counter!("chat_gateway_deliveries_total", "event" => name).increment(delivered);
 }
 
 /// A socket whose buffer is full is cut off: it leaves every room at once (so it gets
@@ -220,37 +372,6 @@ fn disconnect_slow_consumer(socket: SocketRef, event: &str) {
     });
 }
 
-/// The last `cap` message ids seen, oldest evicted first.
-struct RecentIds {
-    cap: usize,
-    set: HashSet<ObjectId>,
-    order: VecDeque<ObjectId>,
-}
-
-impl RecentIds {
-    fn new(cap: usize) -> Self {
-        Self {
-            cap: cap.max(1),
-            set: HashSet::new(),
-            order: VecDeque::new(),
-        }
-    }
-
-    /// `false` if `id` was seen already.
-    fn insert(&mut self, id: ObjectId) -> bool {
-        if !self.set.insert(id) {
-            return false;
-        }
-        self.order.push_back(id);
-        if self.order.len() > self.cap
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        true
-    }
-}
-
 /// A bounded label for a disconnect reason.
 pub fn reason_label(reason: &DisconnectReason) -> &'static str {
     match reason {
@@ -262,22 +383,5 @@ pub fn reason_label(reason: &DisconnectReason) -> &'static str {
         DisconnectReason::ClientNSDisconnect => "client_disconnect",
         DisconnectReason::ServerNSDisconnect => "server_disconnect",
         DisconnectReason::ClosingServer => "server_closing",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recent_ids_forget_the_oldest() {
-        let ids: Vec<ObjectId> = (0..3).map(|_| ObjectId::new()).collect();
-        let mut recent = RecentIds::new(2);
-        assert!(recent.insert(ids[0]));
-        assert!(!recent.insert(ids[0]));
-        assert!(recent.insert(ids[1]));
-        assert!(recent.insert(ids[2]));
-        assert!(recent.insert(ids[0]), "evicted, so new again");
-        assert!(!recent.insert(ids[2]));
     }
 }

@@ -81,13 +81,21 @@ pub struct Settings {
     /// On SIGTERM, how long in-flight work may take before the process exits, in seconds.
     #[arg(long, env = "SHUTDOWN_DRAIN_SECS", default_value_t = 10)]
     pub shutdown_drain_secs: u64,
-    /// Sustained `send_message` + `typing` events per second allowed per connection; over
-    /// it an event is refused with `RATE_LIMITED`.
+    /// Sustained `send_message` + `typing` events (and REST message posts) per second allowed
+    /// per user, across all of the user's sockets on a gateway; over it an event is refused
+    /// with `RATE_LIMITED` (REST: 429).
     #[arg(long, env = "EVENTS_PER_SECOND", default_value_t = 20.0)]
     pub events_per_second: f64,
-    /// Events a connection may send at once above the sustained rate.
+    /// Events a user may send at once above the sustained rate.
     #[arg(long, env = "EVENT_BURST", default_value_t = 40.0)]
     pub event_burst: f64,
+    /// Sustained `join_room` + `leave_room` events per second allowed per user.
+    #[arg(long, env = "JOINS_PER_SECOND", default_value_t = 10.0)]
+    pub joins_per_second: f64,
+    /// Joins and leaves a user may send at once above the sustained rate (a client that
+    /// reconnects rejoins all its rooms at once).
+    #[arg(long, env = "JOIN_BURST", default_value_t = 200.0)]
+    pub join_burst: f64,
     /// Refused events in a row after which the connection is closed.
     #[arg(long, env = "RATE_LIMIT_DISCONNECT_AFTER", default_value_t = 50)]
     pub rate_limit_disconnect_after: u32,
@@ -102,6 +110,14 @@ pub struct Settings {
     /// logins are refused with 429 until the window ends.
     #[arg(long, env = "LOGIN_MAX_FAILURES_PER_IP", default_value_t = 100)]
     pub login_max_failures_per_ip: u64,
+    /// Registrations from one client address within `LOGIN_WINDOW_SECS` after which they
+    /// are refused with 429 until the window ends.
+    #[arg(long, env = "REGISTER_MAX_PER_IP", default_value_t = 20)]
+    pub register_max_per_ip: u64,
+    /// `GET /users?email=` lookups (and answers naming an unknown user id) per user within
+    /// `LOGIN_WINDOW_SECS`, after which they are refused with 429 until the window ends.
+    #[arg(long, env = "USER_LOOKUPS_PER_USER", default_value_t = 100)]
+    pub user_lookups_per_user: u64,
     /// Window of the login failure counters, in seconds.
     #[arg(long, env = "LOGIN_WINDOW_SECS", default_value_t = 900)]
     pub login_window_secs: u64,
@@ -110,10 +126,16 @@ pub struct Settings {
     /// login limits is the entry that many places from the right; 0 ignores the header.
     #[arg(long, env = "TRUSTED_PROXY_HOPS", default_value_t = 0)]
     pub trusted_proxy_hops: usize,
-    /// How many recent message ids each gateway remembers to drop a message published
-    /// twice (after a persister takeover) instead of delivering it again.
-    #[arg(long, env = "DEDUPE_WINDOW", default_value_t = 65_536)]
-    pub dedupe_window: usize,
+    /// Most missing messages of one room a gateway reads from the store to fill a gap in
+    /// its live delivery; past it the room's sockets get `resync` and catch up by joining
+    /// again with `afterSeq`.
+    #[arg(long, env = "GAP_REPAIR_MAX", default_value_t = 1000)]
+    pub gap_repair_max: u64,
+    /// Most messages replayed to a socket that joins with `afterSeq`; the ack says
+    /// `hasMore` when more follow. Must be smaller than `SOCKET_BUFFER_SIZE` (the replay is
+    /// written into the socket's buffer at once).
+    #[arg(long, env = "REPLAY_LIMIT", default_value_t = 500)]
+    pub replay_limit: u64,
     #[command(flatten)]
     pub redis: RedisSettings,
     #[command(flatten)]

@@ -61,7 +61,39 @@ pub fn describe() {
     );
     describe_counter!(
         "chat_gateway_duplicates_suppressed_total",
-        "Messages published twice (after a persister takeover) and delivered once."
+        "Messages that arrived again (republished, or repaired from the store first) and were delivered once."
+    );
+    describe_counter!(
+        "chat_redis_client_restarts_total",
+        "Redis clients whose routing task ended by itself and was started again."
+    );
+    describe_counter!(
+        "chat_gateway_gaps_total",
+        "Holes found in a local room's live messages (a later seq arrived, or the store was ahead after events were lost)."
+    );
+    describe_counter!(
+        "chat_gateway_messages_repaired_total",
+        "Messages read from the store and delivered to fill a gap in live delivery."
+    );
+    describe_counter!(
+        "chat_gateway_resyncs_total",
+        "Times a room's sockets got resync (gap over GAP_REPAIR_MAX, or the store could not fill it)."
+    );
+    describe_counter!(
+        "chat_gateway_messages_replayed_total",
+        "Messages replayed to sockets joining with afterSeq."
+    );
+    describe_counter!(
+        "chat_gateway_feed_overflows_total",
+        "Live batches dropped from a full room feed queue (then repaired from the store)."
+    );
+    describe_counter!(
+        "chat_gateway_password_hash_queue_full_total",
+        "Registrations and logins refused with 503 because the password hashing queue was full."
+    );
+    describe_counter!(
+        "chat_gateway_password_hashes_skipped_total",
+        "Queued password hashes skipped because their client had gone."
     );
     describe_counter!(
         "chat_gateway_duplicate_sends_total",
@@ -77,7 +109,7 @@ pub fn describe() {
     );
     describe_counter!(
         "chat_gateway_login_rate_limited_total",
-        "Logins refused with 429 after too many failures."
+        "Logins, registrations and account lookups refused with 429 over their limits."
     );
     describe_counter!(
         "chat_gateway_token_expiry_disconnects_total",

@@ -751,3 +751,194 @@ async fn names_and_emails_that_would_forge_what_others_see_are_refused() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_adds_and_removes_others_and_anyone_may_leave() {
+    let app = TestApp::spawn(1).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (cat, cat_id) = app.user("cat").await;
+    let (_, dan_id) = app.user("dan").await;
+    let (status, room) = app
+        .call(
+            "POST",
+            "/chat/rooms",
+            Some(&ann),
+            Some(json!({ "participantIds": [bob_id, cat_id] })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(room["ownerId"], json!(ann_id));
+    let id = room["_id"].as_str().unwrap();
+    let add = format!("/chat/rooms/{id}/participants");
+    let remove = |user: &str| format!("/chat/rooms/{id}/participants/{user}");
+
+    // A participant who is not the owner neither adds nor removes others, nor the owner.
+    let (status, body) = app
+        .call("POST", &add, Some(&bob), Some(json!({ "userId": dan_id })))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        body["message"],
+        json!("only the room's owner adds participants")
+    );
+    for target in [&cat_id, &ann_id] {
+        let (status, body) = app.call("DELETE", &remove(target), Some(&bob), None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(
+            body["message"],
+            json!("only the room's owner removes other participants")
+        );
+    }
+    // The owner does both; anyone removes themself.
+    let (status, _) = app
+        .call("POST", &add, Some(&ann), Some(json!({ "userId": dan_id })))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = app.call("DELETE", &remove(&cat_id), Some(&ann), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.call("DELETE", &remove(&bob_id), Some(&bob), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["participants"], json!([ann_id, dan_id]));
+    let _ = cat;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_the_json_error_shape_without_internal_names() {
+    let app = TestApp::spawn(1).await;
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let (status, body) = app
+        .call("POST", "/auth/register", None, Some(json!("just a string")))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = body["message"].as_str().unwrap();
+    assert_eq!(
+        message,
+        "invalid type: string \"just a string\", expected an object"
+    );
+    let (status, body) = app
+        .call(
+            "POST",
+            "/auth/register",
+            None,
+            Some(json!({ "email": "a@b.co" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["message"], json!("missing field `password`"));
+    for path in [
+        format!("/chat/rooms/{room}/messages?limit=5&limit=6"),
+        "/users?email=a@b.co&email=c@d.co".to_owned(),
+    ] {
+        let (status, body) = app.call("GET", &path, Some(&ann), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(body["statusCode"], json!(400), "{path}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("more than once")
+                || body["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("duplicate field"),
+            "{body}"
+        );
+    }
+    // A lone surrogate is not JSON a server can keep.
+    let response = reqwest::Client::new()
+        .post(app.url(&format!("/chat/rooms/{room}/messages")))
+        .bearer_auth(&ann)
+        .header("content-type", "application/json")
+        .body(r#"{"content":"\ud800"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("body is not valid JSON: "),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_and_account_lookups_are_limited() {
+    let mut app = TestApp::spawn(0).await;
+    let g = app
+        .add_gateway_with(|s| {
+            s.register_max_per_ip = 3;
+            s.user_lookups_per_user = 2;
+        })
+        .await;
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", app.port(g));
+    let http = reqwest::Client::new();
+    let register = |n: usize| {
+        http.post(url("/auth/register"))
+            .json(&json!({ "email": format!("limit{n}@example.com"), "password": "correct horse battery" }))
+            .send()
+    };
+    let mut token = String::new();
+    for n in 0..3 {
+        let response = register(n).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        token = response.json::<Value>().await.unwrap()["accessToken"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    let refused = register(3).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(refused.headers().contains_key("retry-after"));
+
+    // Two answers that tell whether an account exists, then 429.
+    let lookup = || {
+        http.get(url("/users?email=nobody@example.com"))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(lookup().await.unwrap().status(), StatusCode::NOT_FOUND);
+    let unknown = http
+        .post(url("/chat/rooms"))
+        .bearer_auth(&token)
+        .json(&json!({ "participantIds": ["0123456789abcdef01234567"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        lookup().await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_sign_ups_is_refused_with_retry_after_not_queued() {
+    let mut app = TestApp::spawn(0).await;
+    let g = app
+        .add_gateway_with(|s| s.register_max_per_ip = 10_000)
+        .await;
+    let url = format!("http://127.0.0.1:{}/auth/register", app.port(g));
+    let http = reqwest::Client::new();
+    // More at once than the hashing queue holds (64), each a slow argon2 hash.
+    let attempts = (0..200).map(|n| {
+        http.post(&url)
+            .json(&json!({ "email": format!("flood{n}@example.com"), "password": "correct horse battery" }))
+            .send()
+    });
+    let responses = futures::future::join_all(attempts).await;
+    let mut busy = 0;
+    for response in responses {
+        let response = response.unwrap();
+        match response.status() {
+            StatusCode::CREATED => {}
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert_eq!(response.headers()["retry-after"], "1");
+                busy += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(busy > 0, "nothing was refused");
+}

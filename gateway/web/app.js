@@ -9,6 +9,11 @@ const state = {
   user: null,
   room: null,
   rendered: new Set(),
+  // The open room's messages are numbered 1, 2, 3… (`seq`): every message up to `caughtUp`
+  // is on the page, and `ahead` holds the numbers on the page above it (live messages that
+  // came before a gap was filled).
+  caughtUp: 0,
+  ahead: new Set(),
   names: new Map(),
   socket: null,
   typingSentAt: 0,
@@ -167,8 +172,9 @@ function start(user) {
       $('status').classList.toggle('online', online);
     },
     connect: () => {
-      // After a reconnect the server knows nothing of our rooms: join the open one again.
-      if (state.room) state.socket.emit('join_room', { roomId: state.room._id }).catch(() => {});
+      // After a reconnect the server knows nothing of our rooms: join the open one again,
+      // replaying what was missed meanwhile.
+      if (state.room) catchUp(state.room).catch((error) => showError('chat-error', error));
     },
     refused: (message) => {
       showError('chat-error', new Error(`connection refused: ${message}`));
@@ -235,6 +241,8 @@ async function openRoom(room) {
   }
   state.room = room;
   state.rendered.clear();
+  state.caughtUp = 0;
+  state.ahead.clear();
   $('messages').replaceChildren();
   $('typing').textContent = '';
   $('room-title').textContent = room.name || `Room ${room._id.slice(-6)}`;
@@ -245,17 +253,42 @@ async function openRoom(room) {
     const ack = await state.socket.emit('join_room', { roomId: room._id });
     if (!ack.ok) throw new Error(ack.error.message);
     const history = await api('GET', `/chat/rooms/${room._id}/messages?limit=50`);
+    // The page starts at the oldest message shown: nothing before it is owed.
+    const oldest = history.length ? history[history.length - 1].seq : undefined;
+    if (typeof oldest === 'number' && state.caughtUp === 0) state.caughtUp = oldest - 1;
     history.reverse().forEach(render);
   } catch (error) {
     showError('chat-error', error);
   }
 }
 
+/** Joins `room` with the number of the last message the page holds without a gap: the
+ * server replays what follows before anything live; past its replay limit (`hasMore`) the
+ * rest is paged over REST. */
+async function catchUp(room) {
+  const ack = await state.socket.emit('join_room', { roomId: room._id, afterSeq: state.caughtUp });
+  if (!ack.ok) throw new Error(ack.error.message);
+  let more = ack.hasMore;
+  while (more && state.room && state.room._id === room._id) {
+    const page = await api('GET', `/chat/rooms/${room._id}/messages?afterSeq=${state.caughtUp}&limit=100`);
+    page.forEach(render);
+    more = page.length === 100;
+  }
+}
+
 // ---- Messages and typing ----------------------------------------------------------------
+
+/** Counts `seq` as shown and moves `caughtUp` over every number now shown without a gap. */
+function track(seq) {
+  if (typeof seq !== 'number' || seq <= state.caughtUp) return;
+  state.ahead.add(seq);
+  while (state.ahead.delete(state.caughtUp + 1)) state.caughtUp += 1;
+}
 
 function render(message) {
   if (!state.room || message.roomId !== state.room._id || state.rendered.has(message.id)) return;
   state.rendered.add(message.id);
+  track(message.seq);
   const sender = message.sender || {};
   const name = sender.displayName || sender.email || sender._id;
   if (sender._id && name) state.names.set(sender._id, name);
@@ -274,7 +307,12 @@ function render(message) {
   time.textContent = new Date(message.createdAt).toLocaleTimeString();
   li.append(who, content, time);
   const list = $('messages');
-  list.append(li);
+  // In `seq` order, whatever order they arrived in (a gap filled after live messages).
+  if (typeof message.seq === 'number') li.dataset.seq = String(message.seq);
+  const after = typeof message.seq === 'number'
+    ? [...list.children].find((other) => Number(other.dataset.seq) > message.seq)
+    : undefined;
+  list.insertBefore(li, after || null);
   list.scrollTop = list.scrollHeight;
 }
 
@@ -298,6 +336,12 @@ async function onEvent(name, data) {
     $('typing').textContent = `${await nameOf(data.userId)} is typing…`;
     clearTimeout(state.typingTimer);
     state.typingTimer = setTimeout(() => { $('typing').textContent = ''; }, 3000);
+  } else if (name === 'resync') {
+    // The server could not fill a gap in our live messages and took us out of the room:
+    // join again from the last message we hold without a gap.
+    if (state.room && data.roomId === state.room._id) {
+      catchUp(state.room).catch((error) => showError('chat-error', error));
+    }
   } else if (name === 'exception') {
     if (data.message === 'token expired') sessionStorage.removeItem('chat.token');
     showError('chat-error', new Error(data.message));

@@ -200,6 +200,10 @@ pub fn describe_metrics() {
         "Ingest partitions no persister holds, as this persister last saw them (alert when above 0 for long)."
     );
     describe_counter!(
+        "chat_redis_client_restarts_total",
+        "Redis clients whose routing task ended by itself and was started again."
+    );
+    describe_counter!(
         "chat_persister_partition_takeovers_total",
         "Partition leases this persister took (at start, from one that stopped, or to even the load)."
     );

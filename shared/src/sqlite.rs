@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS rooms (
     name TEXT,
     created_at INTEGER NOT NULL,
     last_message_at INTEGER,
-    active_at INTEGER NOT NULL
+    active_at INTEGER NOT NULL,
+    owner_id TEXT
 );
 -- Participants keep the order they were added in (rowid order).
 CREATE TABLE IF NOT EXISTS room_participants (
@@ -86,6 +87,15 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        // Databases created before rooms had owners lack the column.
+        let has_owner: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('rooms') WHERE name = 'owner_id'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_owner {
+            conn.execute_batch("ALTER TABLE rooms ADD COLUMN owner_id TEXT")?;
+        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -112,18 +122,19 @@ fn load_room(conn: &Connection, id: ObjectId) -> Result<Option<Room>, StoreError
     let hex = id.to_hex();
     let row = conn
         .query_row(
-            "SELECT name, created_at, last_message_at FROM rooms WHERE id = ?1",
+            "SELECT name, created_at, last_message_at, owner_id FROM rooms WHERE id = ?1",
             params![hex],
             |r| {
                 Ok((
                     r.get::<_, Option<String>>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
                 ))
             },
         )
         .optional()?;
-    let Some((name, created_at, last_message_at)) = row else {
+    let Some((name, created_at, last_message_at, owner)) = row else {
         return Ok(None);
     };
     let mut stmt = conn.prepare_cached(
@@ -135,6 +146,7 @@ fn load_room(conn: &Connection, id: ObjectId) -> Result<Option<Room>, StoreError
     Ok(Some(Room {
         id,
         name,
+        owner_id: owner.as_deref().map(oid).transpose()?,
         participants,
         created_at: time(created_at),
         last_message_at: last_message_at.map(time),
@@ -248,8 +260,8 @@ impl Store for SqliteStore {
         self.with(move |c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO rooms (id, name, created_at, active_at) VALUES (?1, ?2, ?3, ?3)",
-                params![id.to_hex(), name, now],
+                "INSERT INTO rooms (id, name, created_at, active_at, owner_id) VALUES (?1, ?2, ?3, ?3, ?4)",
+                params![id.to_hex(), name, now, participants.first().map(|o| o.to_hex())],
             )?;
             for user in &participants {
                 tx.execute(

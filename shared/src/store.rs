@@ -41,6 +41,10 @@ pub struct Room {
     #[serde(rename = "_id", with = "crate::wire::oid_hex")]
     pub id: ObjectId,
     pub name: Option<String>,
+    /// The creator: the only one who adds or removes others. Absent on rooms stored before
+    /// rooms had owners (their first participant counts as the owner).
+    #[serde(with = "opt_oid_hex", default, skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<ObjectId>,
     #[serde(with = "oid_hex_vec")]
     pub participants: Vec<ObjectId>,
     #[serde(with = "crate::wire::rfc3339_millis")]
@@ -52,6 +56,30 @@ pub struct Room {
 impl Room {
     pub fn has_participant(&self, user: &ObjectId) -> bool {
         self.participants.contains(user)
+    }
+
+    /// Whether `user` owns the room (see [`Room::owner_id`]).
+    pub fn is_owner(&self, user: &ObjectId) -> bool {
+        self.owner_id.or_else(|| self.participants.first().copied()) == Some(*user)
+    }
+}
+
+/// Serde for an optional [`ObjectId`] as a 24-hex string.
+mod opt_oid_hex {
+    use mongodb::bson::oid::ObjectId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &Option<ObjectId>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => crate::wire::oid_hex::serialize(id, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ObjectId>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "crate::wire::oid_hex")] ObjectId);
+        Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
     }
 }
 
@@ -98,6 +126,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<User, StoreError>;
     async fn user_credentials(&self, email: &str) -> Result<Option<UserCredentials>, StoreError>;
     async fn user(&self, id: ObjectId) -> Result<Option<User>, StoreError>;
+    /// The users of `ids` that exist, in any order. One query where the store allows.
+    async fn users(&self, ids: &[ObjectId]) -> Result<Vec<User>, StoreError> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(user) = self.user(*id).await? {
+                found.push(user);
+            }
+        }
+        Ok(found)
+    }
     /// Those of `ids` that are not users.
     async fn missing_users(&self, ids: &[ObjectId]) -> Result<Vec<ObjectId>, StoreError>;
 
@@ -169,6 +207,8 @@ struct RoomDoc {
     #[serde(rename = "_id")]
     id: ObjectId,
     name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner_id: Option<ObjectId>,
     participants: Vec<ObjectId>,
     created_at: bson::DateTime,
     last_message_at: Option<bson::DateTime>,
@@ -213,6 +253,7 @@ impl From<RoomDoc> for Room {
         Room {
             id: d.id,
             name: d.name,
+            owner_id: d.owner_id,
             participants: d.participants,
             created_at: from_bson_time(d.created_at),
             last_message_at: d.last_message_at.map(from_bson_time),
@@ -389,6 +430,23 @@ impl Store for MongoStore {
             }))
     }
 
+    async fn users(&self, ids: &[ObjectId]) -> Result<Vec<User>, StoreError> {
+        let docs: Vec<UserDoc> = self
+            .users
+            .find(doc! { "_id": { "$in": ids } })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .into_iter()
+            .map(|d| User {
+                id: d.id,
+                email: d.email,
+                display_name: d.display_name,
+            })
+            .collect())
+    }
+
     async fn missing_users(&self, ids: &[ObjectId]) -> Result<Vec<ObjectId>, StoreError> {
         let found: Vec<Document> = self
             .users
@@ -418,6 +476,7 @@ impl Store for MongoStore {
         let doc = RoomDoc {
             id: ObjectId::new(),
             name,
+            owner_id: participants.first().copied(),
             participants,
             created_at: now,
             last_message_at: None,

@@ -71,6 +71,13 @@ pub struct MessageBatch {
     #[serde(with = "oid_hex")]
     pub room_id: ObjectId,
     pub messages: Vec<ChatMessage>,
+    /// How many times the room's participants were removed, as Redis counted it when the
+    /// batch was published. A gateway that sees it grow reads the participants again before
+    /// delivering, so a removed user gets nothing more even if the removal's own notice was
+    /// lost. Absent where nothing is counted (the embedded mode). Keep it the last field:
+    /// the publishing script fills it in at the end of the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_version: Option<u64>,
 }
 
 /// Payload of [`RoomEvent::MemberRemoved`].

@@ -99,6 +99,48 @@ test('two people chat in the browser page', async () => {
   await bob.context.close();
 });
 
+test('after a server restart the page reconnects and shows what it missed, once, in order', async () => {
+  const run = Date.now();
+  const ann = await person('Ann', `ann-r-${run}@example.com`);
+  const bob = await person('Bob', `bob-r-${run}@example.com`);
+  await ann.page.fill('#room-name', 'Restart');
+  await ann.page.fill('#room-emails', `bob-r-${run}@example.com`);
+  await ann.page.click('#create-room');
+  await ann.page.waitForSelector('#room-title:text("Restart")');
+  await bob.page.click('#rooms li button:text("Restart")', { timeout: TIMEOUT });
+  await bob.page.waitForSelector('#room-title:text("Restart")');
+  const say = async (text) => {
+    await ann.page.fill('#message-input', text);
+    await ann.page.click('#send');
+    await ann.page.waitForSelector(`#messages li .content:text("${text}")`);
+  };
+  await say('before');
+  await bob.page.waitForSelector('#messages li .content:text("before")');
+
+  // Bob's page cannot reconnect until Ann has sent three more after the restart: it misses
+  // them live and must catch up by itself.
+  let blocked = true;
+  await bob.page.routeWebSocket(/\/socket\.io\//, (ws) => {
+    if (blocked) ws.close();
+    else ws.connectToServer();
+  });
+  await server.restart();
+  await ann.page.waitForSelector('#status.online');
+  for (const text of ['missed 1', 'missed 2', 'missed 3']) await say(text);
+  assert.equal(await bob.page.textContent('#status'), 'offline');
+  blocked = false;
+  await bob.page.waitForSelector('#status.online');
+  await bob.page.waitForSelector('#messages li .content:text("missed 3")');
+  await say('live again');
+  await bob.page.waitForSelector('#messages li .content:text("live again")');
+  const lines = (p) => p.$$eval('#messages li .content', (items) => items.map((i) => i.textContent));
+  assert.deepEqual(await lines(bob.page), ['before', 'missed 1', 'missed 2', 'missed 3', 'live again']);
+  assert.deepEqual(await lines(ann.page), await lines(bob.page));
+  assert.deepEqual([...ann.problems, ...bob.problems], []);
+  await ann.context.close();
+  await bob.context.close();
+});
+
 test('a wrong password shows the server\'s error', async () => {
   const context = await browser.newContext();
   const page = await context.newPage();

@@ -98,3 +98,31 @@ test('errors come as failure acks, or as `exception` without an ack', async () =
   });
   assert.equal(a.connected, true);
 });
+
+test('join_room with afterSeq replays what was missed before its ack (the reconnect pattern)', async () => {
+  const base = topo.gateways[0].url;
+  const fresh = await createRoom(base, ann.accessToken, [bob.user._id]);
+  const a = await connected(connect(0, { auth: { token: ann.accessToken } }));
+  for (let i = 1; i <= 5; i++) {
+    const ack = await a.emitWithAck('send_message', { roomId: fresh._id, content: `m${i}` });
+    assert.equal(ack.ok, true);
+  }
+  // Stored, so that the replay has all of them.
+  for (let tries = 0; ; tries++) {
+    const res = await fetch(`${base}/chat/rooms/${fresh._id}/messages?afterSeq=0`, {
+      headers: { Authorization: `Bearer ${bob.accessToken}` },
+    });
+    if ((await res.json()).length === 5) break;
+    assert.ok(tries < 200, 'messages not stored');
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  const b = await connected(connect(1, { auth: { token: bob.accessToken } }));
+  const got = [];
+  b.on('message', (m) => got.push(m.seq));
+  const ack = await b.emitWithAck('join_room', { roomId: fresh._id, afterSeq: 2 });
+  assert.deepEqual(ack, { ok: true, roomId: fresh._id, replayed: 3, hasMore: false });
+  assert.deepEqual(got, [3, 4, 5]);
+  const live = once(b, 'message');
+  await a.emitWithAck('send_message', { roomId: fresh._id, content: 'm6' });
+  assert.equal((await live).seq, 6);
+});

@@ -172,14 +172,25 @@ export async function startEmbedded(children = [], start = null) {
   const dataDir = mkdtempSync(path.join(tmpdir(), 'chat-js-'));
   const port = await freePort();
   const admin = await freePort();
-  const child = start('gateway', bin('gateway'), ['--embedded', '--data-dir', dataDir], {
-    PORT: String(port), METRICS_PORT: String(admin), JWT_SECRET, HOST: '127.0.0.1',
-    REDIS_URL: '', MONGODB_URI: '',
-  });
-  await waitReady(admin, 'gateway', child);
-  const g = { port, admin, child, url: `http://127.0.0.1:${port}` };
+  const launch = async () => {
+    const child = start('gateway', bin('gateway'), ['--embedded', '--data-dir', dataDir], {
+      PORT: String(port), METRICS_PORT: String(admin), JWT_SECRET, HOST: '127.0.0.1',
+      REDIS_URL: '', MONGODB_URI: '',
+    });
+    await waitReady(admin, 'gateway', child);
+    return child;
+  };
+  const g = { port, admin, child: await launch(), url: `http://127.0.0.1:${port}` };
   return {
     gateways: [g, g],
+    /** Stops the server (SIGTERM) and starts it again on the same port and data. */
+    async restart() {
+      const old = g.child;
+      const exited = new Promise((r) => old.once('exit', r));
+      old.kill('SIGTERM');
+      await exited;
+      g.child = await launch();
+    },
     async stop() {
       await stopAll(children);
       rmSync(dataDir, { recursive: true, force: true });

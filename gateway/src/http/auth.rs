@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use shared::ObjectId;
 use shared::domain::{Email, check_new_password, parse_name};
 use shared::store::{StoreError, User};
 use std::net::{IpAddr, SocketAddr};
@@ -55,16 +56,18 @@ impl RegisterBody {
 }
 
 /// Hashing is deliberately slow and memory-hungry: it runs on the hashing pool.
-async fn hash_password(password: String) -> Result<String, ChatError> {
-    super::hashing::run(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| ChatError::Internal(format!("hashing failed: {e}")))
-    })
-    .await
-    .unwrap_or_else(|| Err(ChatError::Internal("password hashing pool gone".into())))
+async fn hash_password(state: &HttpState, password: String) -> Result<String, ChatError> {
+    state
+        .hasher
+        .run(move || {
+            let salt = SaltString::generate(&mut OsRng);
+            Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| ChatError::Internal(format!("hashing failed: {e}")))
+        })
+        .await
+        .unwrap_or_else(|super::hashing::Busy| Err(ChatError::busy()))
 }
 
 /// A hash to verify against when the e-mail is unknown, so that an unknown e-mail takes
@@ -77,18 +80,24 @@ static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
         .unwrap_or_default()
 });
 
-async fn verify_password(password: String, hash: String) -> bool {
-    super::hashing::run(move || {
-        PasswordHash::new(&hash)
-            .map(|parsed| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &parsed)
-                    .is_ok()
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false)
+async fn verify_password(
+    state: &HttpState,
+    password: String,
+    hash: String,
+) -> Result<bool, ChatError> {
+    state
+        .hasher
+        .run(move || {
+            PasswordHash::new(&hash)
+                .map(|parsed| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .map_err(|super::hashing::Busy| ChatError::busy())
 }
 
 fn session(state: &HttpState, user: User) -> Result<Json<Value>, ChatError> {
@@ -100,16 +109,29 @@ fn session(state: &HttpState, user: User) -> Result<Json<Value>, ChatError> {
     Ok(Json(json!({ "accessToken": token, "user": user })))
 }
 
+/// Registers a user. Limited per client address (`REGISTER_MAX_PER_IP` attempts per
+/// `LOGIN_WINDOW_SECS`, every attempt counted): each attempt costs a password hash, and its
+/// 409 tells whether an e-mail has an account.
 pub async fn register(
     State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<(StatusCode, Json<Value>), ChatError> {
+    let ip_key = format!("register:ip:{}", client_ip(&state, peer, &headers));
+    count_attempt(
+        &state,
+        &ip_key,
+        state.login.max_registrations_per_ip,
+        "too many registrations from this address, try again later",
+    )
+    .await?;
     let NewUser {
         email,
         password,
         display_name,
     } = body.validate()?;
-    let hash = hash_password(password).await?;
+    let hash = hash_password(&state, password).await?;
     let user = match state
         .chat
         .store
@@ -152,7 +174,12 @@ fn client_ip(state: &HttpState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr
 /// Counts an attempt against a limit first, then compares, in one atomic step, so that
 /// parallel attempts cannot all pass a check made before any of them was counted. An
 /// attempt over the limit is refused (429) and not counted.
-async fn count_attempt(state: &HttpState, key: &str, max: u64) -> Result<(), ChatError> {
+pub(crate) async fn count_attempt(
+    state: &HttpState,
+    key: &str,
+    max: u64,
+    refusal: &str,
+) -> Result<(), ChatError> {
     let counters = &state.login.counters;
     let attempts = counters.increment(key, state.login.window).await?;
     if attempts <= max {
@@ -162,9 +189,21 @@ async fn count_attempt(state: &HttpState, key: &str, max: u64) -> Result<(), Cha
     metrics::counter!("chat_gateway_login_rate_limited_total").increment(1);
     let (_, left) = counters.get(key).await?;
     Err(ChatError::RateLimited {
-        message: "too many failed logins, try again later".into(),
+        message: refusal.into(),
         retry_after_secs: left.as_secs().max(1),
     })
+}
+
+/// Counts an answer that tells `user` whether an account exists (an e-mail lookup, or a
+/// "user not found" for an id); 429 past `USER_LOOKUPS_PER_USER` in the window.
+pub(crate) async fn count_lookup(state: &HttpState, user: &ObjectId) -> Result<(), ChatError> {
+    count_attempt(
+        state,
+        &format!("lookup:user:{}", user.to_hex()),
+        state.login.max_lookups_per_user,
+        "too many user lookups, try again later",
+    )
+    .await
 }
 
 pub async fn login(
@@ -177,8 +216,17 @@ pub async fn login(
     // Counted by the normalised e-mail whether or not it exists, so limits reveal nothing.
     let email_key = format!("login:email:{}", body.email.trim().to_lowercase());
     let ip_key = format!("login:ip:{}", client_ip(&state, peer, &headers));
-    count_attempt(&state, &email_key, state.login.max_failures_per_email).await?;
-    if let Err(limited) = count_attempt(&state, &ip_key, state.login.max_failures_per_ip).await {
+    const REFUSAL: &str = "too many failed logins, try again later";
+    count_attempt(
+        &state,
+        &email_key,
+        state.login.max_failures_per_email,
+        REFUSAL,
+    )
+    .await?;
+    if let Err(limited) =
+        count_attempt(&state, &ip_key, state.login.max_failures_per_ip, REFUSAL).await
+    {
         state.login.counters.decrement(&email_key).await?;
         return Err(limited);
     }
@@ -188,13 +236,21 @@ pub async fn login(
         Ok(email) => state.chat.store.user_credentials(email.as_str()).await?,
         Err(_) => None,
     };
-    let ok = match credentials {
-        Some(credentials) => verify_password(body.password, credentials.password_hash)
+    let verified = match credentials {
+        Some(credentials) => verify_password(&state, body.password, credentials.password_hash)
             .await
-            .then_some(credentials.user),
-        None => {
-            verify_password(body.password, DUMMY_HASH.clone()).await;
-            None
+            .map(|ok| ok.then_some(credentials.user)),
+        None => verify_password(&state, body.password, DUMMY_HASH.clone())
+            .await
+            .map(|_| None),
+    };
+    let ok = match verified {
+        Ok(ok) => ok,
+        // Not checked, so not a failure: uncounted.
+        Err(busy) => {
+            state.login.counters.decrement(&email_key).await?;
+            state.login.counters.decrement(&ip_key).await?;
+            return Err(busy);
         }
     };
     // A failure stays counted; a success is not a failure.

@@ -39,9 +39,86 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ChatError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ChatError> {
+        use axum::extract::rejection::JsonRejection;
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(value)) => Ok(JsonBody(value)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ChatError::BadRequest(
+                "Content-Type must be application/json".into(),
+            )),
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ChatError::BadRequest(format!(
+                "body is not valid JSON: {}",
+                serde_detail(&e.body_text())
+            ))),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(ChatError::BadRequest(serde_detail(&e.body_text())))
+            }
             Err(rejection) => Err(ChatError::BadRequest(rejection.body_text())),
         }
+    }
+}
+
+/// Query parameters; 400 in the API's error shape otherwise (a repeated parameter, say).
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ChatError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ChatError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(QueryParams(value)),
+            Err(rejection) => Err(ChatError::BadRequest(format!(
+                "invalid query string: {}",
+                serde_detail(&rejection.body_text())
+            ))),
+        }
+    }
+}
+
+/// What a deserialisation error says, without the framework's preamble, positions or the
+/// names of internal types ("expected struct RegisterBody").
+pub fn serde_detail(text: &str) -> String {
+    let mut detail = text;
+    for preamble in [
+        "Failed to deserialize the JSON body into the target type: ",
+        "Failed to parse the request body as JSON: ",
+        "Failed to deserialize query string: ",
+    ] {
+        detail = detail.strip_prefix(preamble).unwrap_or(detail);
+    }
+    let detail = match detail.find(" at line ") {
+        Some(at) => &detail[..at],
+        None => detail,
+    };
+    match detail
+        .find(", expected struct ")
+        .or(detail.find(", expected a map"))
+    {
+        Some(at) => format!("{}, expected an object", &detail[..at]),
+        None => detail.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serde_detail;
+
+    #[test]
+    fn no_internal_names_or_positions() {
+        assert_eq!(
+            serde_detail(
+                "Failed to deserialize the JSON body into the target type: invalid type: string \"x\", expected struct RegisterBody at line 1 column 3"
+            ),
+            "invalid type: string \"x\", expected an object"
+        );
+        assert_eq!(
+            serde_detail(
+                "Failed to deserialize the JSON body into the target type: missing field `email` at line 1 column 2"
+            ),
+            "missing field `email`"
+        );
+        assert_eq!(
+            serde_detail("Failed to deserialize query string: duplicate field `email`"),
+            "duplicate field `email`"
+        );
     }
 }

@@ -3,7 +3,8 @@
 
 pub(crate) mod auth;
 mod extract;
-mod hashing;
+pub(crate) use extract::serde_detail;
+pub mod hashing;
 pub(crate) mod rooms;
 mod users;
 pub mod web;
@@ -22,7 +23,11 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct HttpState {
     pub chat: Chat,
+    /// Per-user rate limits, shared with the sockets.
+    pub limits: Arc<crate::limits::Limits>,
     pub drain: Arc<Drain>,
+    /// Password hashing threads behind a bounded queue.
+    pub hasher: Arc<hashing::Hasher>,
     pub login: LoginLimits,
 }
 
@@ -33,6 +38,11 @@ pub struct LoginLimits {
     pub counters: std::sync::Arc<dyn shared::counters::Counters>,
     pub max_failures_per_email: u64,
     pub max_failures_per_ip: u64,
+    /// Registrations from one client address per window.
+    pub max_registrations_per_ip: u64,
+    /// `GET /users?email=` lookups, and answers naming an unknown user id, per user and
+    /// window (each tells whether an account exists).
+    pub max_lookups_per_user: u64,
     pub window: std::time::Duration,
     /// Proxies in front of the gateway that append to `X-Forwarded-For`.
     pub trusted_proxy_hops: usize,

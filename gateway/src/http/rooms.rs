@@ -2,9 +2,10 @@
 
 use crate::error::ChatError;
 use crate::http::HttpState;
+use crate::http::extract::QueryParams;
 use crate::http::extract::{Authenticated, JsonBody};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::Value;
@@ -92,6 +93,7 @@ pub async fn create(
     let (name, participants) = body.validate(user.id)?;
     let missing = state.chat.store.missing_users(&participants[1..]).await?;
     if let Some(id) = missing.first() {
+        super::auth::count_lookup(&state, &user.id).await?;
         return Err(ChatError::NotFound(format!(
             "user {} not found",
             id.to_hex()
@@ -126,8 +128,18 @@ pub async fn add_participant(
 ) -> Result<Json<Room>, ChatError> {
     let room = parse_object_id("id", &id)?;
     let new = parse_object_id("userId", body.user_id())?;
-    state.chat.room_for(&user.id, room).await?;
+    if !state
+        .chat
+        .room_for(&user.id, room)
+        .await?
+        .is_owner(&user.id)
+    {
+        return Err(ChatError::Forbidden(
+            "only the room's owner adds participants".into(),
+        ));
+    }
     if !state.chat.store.missing_users(&[new]).await?.is_empty() {
+        super::auth::count_lookup(&state, &user.id).await?;
         return Err(ChatError::NotFound(format!(
             "user {} not found",
             new.to_hex()
@@ -142,9 +154,11 @@ pub async fn add_participant(
         .ok_or_else(|| ChatError::NotFound("room not found".into()))
 }
 
-/// Removes a participant (any participant may; removing oneself is leaving). Idempotent:
-/// removing someone who is not a participant answers the room as it is. Every gateway is
-/// told, so the user's sockets leave the room and their access is checked again.
+/// Removes a participant: the owner removes anyone, every participant may remove themself
+/// (leaving). Idempotent: removing someone who is not a participant answers the room as it
+/// is (and tells the gateways again). Every gateway is told, so the user's sockets leave the
+/// room; the removal is also counted in Redis, and every later message batch carries the
+/// count, so a gateway that missed the notice finds out before delivering anything more.
 pub async fn remove_participant(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -152,13 +166,19 @@ pub async fn remove_participant(
 ) -> Result<Json<Room>, ChatError> {
     let room = parse_object_id("id", &id)?;
     let target = parse_object_id("userId", &user_id)?;
-    state.chat.room_for(&user.id, room).await?;
+    let current = state.chat.room_for(&user.id, room).await?;
+    if target != user.id && !current.is_owner(&user.id) {
+        return Err(ChatError::Forbidden(
+            "only the room's owner removes other participants".into(),
+        ));
+    }
     let updated = state
         .chat
         .store
         .remove_participant(room, target)
         .await?
         .ok_or_else(|| ChatError::NotFound("room not found".into()))?;
+    state.chat.backplane.members_changed(room).await?;
     state
         .chat
         .backplane
@@ -213,9 +233,18 @@ pub async fn messages(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
     Path(id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    QueryParams(pairs): QueryParams<Vec<(String, String)>>,
 ) -> Result<Json<Vec<ChatMessage>>, ChatError> {
     let room = parse_object_id("id", &id)?;
+    let mut query = HashMap::new();
+    for (key, value) in pairs {
+        if query.contains_key(&key) {
+            return Err(ChatError::BadRequest(format!(
+                "{key} is given more than once"
+            )));
+        }
+        query.insert(key, value);
+    }
     let (limit, anchor) = page(&query)?;
     state.chat.room_for(&user.id, room).await?;
     let store = &state.chat.store;
@@ -235,7 +264,24 @@ pub async fn post_message(
 ) -> Result<(StatusCode, Json<ChatMessage>), ChatError> {
     let room = parse_object_id("id", &id)?;
     let (content, client_msg_id) = body.validate()?;
+    // The same budget as the user's sockets.
+    if !state.limits.events.try_take(&user.id) {
+        metrics::counter!("chat_gateway_rate_limited_total").increment(1);
+        return Err(ChatError::RateLimited {
+            message: "rate limit exceeded".into(),
+            retry_after_secs: 1,
+        });
+    }
     state.chat.room_for(&user.id, room).await?;
+    // Sender names from the user record, as on sockets, not from a possibly older token.
+    let user = match state.chat.store.user(user.id).await? {
+        Some(record) => shared::jwt::AuthUser {
+            email: Some(record.email),
+            display_name: Some(record.display_name),
+            ..user
+        },
+        None => return Err(ChatError::Unauthorized("user no longer exists".into())),
+    };
     let message = state
         .chat
         .post_message(&user, room, content, client_msg_id.as_ref())

@@ -3,8 +3,9 @@
 use crate::error::ChatError;
 use crate::http::HttpState;
 use crate::http::extract::Authenticated;
+use crate::http::extract::QueryParams;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use serde::Deserialize;
 use shared::domain::{Email, parse_object_id};
 use shared::store::User;
@@ -17,13 +18,15 @@ pub struct ByEmail {
 /// `GET /users?email=<address>`: the user with that e-mail (case-insensitive), or 404.
 pub async fn find(
     State(state): State<HttpState>,
-    Authenticated(_): Authenticated,
-    Query(query): Query<ByEmail>,
+    Authenticated(user): Authenticated,
+    QueryParams(query): QueryParams<ByEmail>,
 ) -> Result<Json<User>, ChatError> {
     let raw = query
         .email
         .ok_or_else(|| ChatError::BadRequest("email is required".into()))?;
     let email = Email::parse(&raw)?;
+    // Every answer says whether the address has an account: limited per user.
+    super::auth::count_lookup(&state, &user.id).await?;
     state
         .chat
         .store

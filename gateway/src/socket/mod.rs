@@ -10,11 +10,12 @@ pub(crate) mod session;
 use crate::chat::Chat;
 use crate::drain::Drain;
 use crate::error::ChatError;
+use crate::feed::JoinAnswer;
+use crate::limits::Limits;
 use crate::rooms::{RoomRegistry, reason_label, room_key, user_key};
 use serde::Serialize;
 use serde_json::{Value, json};
-pub use session::EventLimits;
-use session::{Admission, Session, Turn};
+use session::{Joins, Session, Turn};
 use shared::ObjectId;
 use shared::jwt::{TokenError, bearer};
 use shared::wire::format_time;
@@ -33,8 +34,9 @@ pub struct SocketState {
     pub chat: Chat,
     pub rooms: Arc<RoomRegistry>,
     pub membership_ttl: Duration,
-    pub limits: EventLimits,
+    pub limits: Arc<Limits>,
     pub connections: Arc<Connections>,
+    pub users: Arc<crate::user_lookup::UserLookup>,
 }
 
 /// Open connections per user on this gateway, bounded.
@@ -79,6 +81,9 @@ enum Refusal {
     Token(#[from] TokenError),
     #[error("too many connections")]
     TooManyConnections,
+    /// The token is valid but its user was deleted (REST answers such tokens with 401 too).
+    #[error("user no longer exists")]
+    UnknownUser,
 }
 
 impl Refusal {
@@ -86,6 +91,7 @@ impl Refusal {
         match self {
             Refusal::Token(e) => e.reason(),
             Refusal::TooManyConnections => "too_many_connections",
+            Refusal::UnknownUser => "unknown_user",
         }
     }
 }
@@ -129,16 +135,17 @@ async fn authenticate(
     TryData(auth): TryData<Value>,
     State(state): State<SocketState>,
 ) -> Result<(), Refusal> {
-    let result = handshake_token(&s, &auth.ok())
-        .and_then(|t| state.chat.jwt.verify(&t))
-        .map_err(Refusal::from)
-        .and_then(|user| {
-            if state.connections.try_add(user.id) {
-                Ok(user)
-            } else {
-                Err(Refusal::TooManyConnections)
-            }
-        });
+    let result = match handshake_token(&s, &auth.ok()).and_then(|t| state.chat.jwt.verify(&t)) {
+        Ok(user) => current_user(&state, user).await,
+        Err(error) => Err(Refusal::from(error)),
+    }
+    .and_then(|user| {
+        if state.connections.try_add(user.id) {
+            Ok(user)
+        } else {
+            Err(Refusal::TooManyConnections)
+        }
+    });
     match result {
         Ok(user) => {
             s.join(user_key(&user.id));
@@ -147,7 +154,7 @@ async fn authenticate(
                 user,
                 state.membership_ttl,
                 state.drain.clone(),
-                state.limits,
+                state.limits.clone(),
             ));
             s.extensions.insert(session.clone());
             disconnect_at_expiry(s.clone(), session);
@@ -155,6 +162,7 @@ async fn authenticate(
             s.on("leave_room", on_leave_room);
             s.on("send_message", on_send_message);
             s.on("typing", on_typing);
+            s.on_fallback(on_unknown_event);
             s.on_disconnect(on_disconnect);
             metrics::gauge!("chat_gateway_connections").increment(1);
             metrics::counter!("chat_gateway_connects_total").increment(1);
@@ -165,6 +173,35 @@ async fn authenticate(
                 .increment(1);
             tracing::debug!(reason = e.reason(), "connection refused");
             Err(e)
+        }
+    }
+}
+
+/// How long a connect waits for the user record before it goes ahead on the token alone.
+const USER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The token's user as the store knows it now: refused when it was deleted; its e-mail and
+/// display name from the record (what others see on its messages), not from the token,
+/// which may be older than a rename. When the store does not answer in time the token's
+/// claims are used: connections keep working through a MongoDB outage.
+async fn current_user(
+    state: &SocketState,
+    mut user: shared::jwt::AuthUser,
+) -> Result<shared::jwt::AuthUser, Refusal> {
+    match tokio::time::timeout(USER_LOOKUP_TIMEOUT, state.users.get(user.id)).await {
+        Ok(Ok(Some(record))) => {
+            user.email = Some(record.email);
+            user.display_name = Some(record.display_name);
+            Ok(user)
+        }
+        Ok(Ok(None)) => Err(Refusal::UnknownUser),
+        Ok(Err(_)) => {
+            tracing::warn!(user_id = %user.id, "user lookup failed: connecting on the token's claims");
+            Ok(user)
+        }
+        Err(_) => {
+            tracing::warn!(user_id = %user.id, "user lookup timed out: connecting on the token's claims");
+            Ok(user)
         }
     }
 }
@@ -208,7 +245,7 @@ async fn on_disconnect(s: SocketRef, reason: DisconnectReason, State(state): Sta
 /// Answers an event: the ack when asked for, else `exception` on failure. Counts it.
 fn respond<T: Serialize>(
     s: &SocketRef,
-    turn: &Turn,
+    wants_ack: bool,
     ack: AckSender,
     event: &'static str,
     result: Result<T, ChatError>,
@@ -221,40 +258,19 @@ fn respond<T: Serialize>(
         .increment(1);
     match result {
         Ok(body) => {
-            if turn.wants_ack {
+            if wants_ack {
                 let _ = ack.send(&body);
             }
         }
         Err(error) => {
             error.log();
-            if turn.wants_ack {
+            if wants_ack {
                 let _ = ack.send(&error.ack());
             } else {
                 let _ = s.emit("exception", &error.exception(event));
             }
         }
     }
-}
-
-/// Refuses an event over the connection's rate with `RATE_LIMITED`; a connection that
-/// keeps going over it is marked to be disconnected once its refusal is sent.
-fn rate_limit(s: &SocketRef, session: &Session) -> Result<(), ChatError> {
-    let admission = session.admit_event();
-    if admission == Admission::Allowed {
-        return Ok(());
-    }
-    metrics::counter!("chat_gateway_rate_limited_total").increment(1);
-    // Decided once per socket: events already queued behind the decision are refused
-    // without logging and counting the disconnect again.
-    if admission == Admission::Disconnect && session.cut_off_once() {
-        metrics::counter!("chat_gateway_rate_limit_disconnects_total").increment(1);
-        tracing::warn!(socket = %s.id, user_id = %session.user.id, "rate limit exceeded persistently, disconnecting");
-        session.kick();
-    }
-    Err(ChatError::RateLimited {
-        message: "rate limit exceeded".into(),
-        retry_after_secs: 1,
-    })
 }
 
 /// Checks that the socket's user is a participant of `room`, trusting a recent check.
@@ -273,42 +289,74 @@ async fn authorize(
 
 async fn on_join_room(
     s: SocketRef,
-    mut turn: Turn,
+    mut turn: Turn<Joins>,
     ack: AckSender,
     State(state): State<SocketState>,
     TryData(data): TryData<Value>,
 ) {
-    let result = async {
+    let session = turn.session.clone();
+    let joined = async {
         turn.wait().await?;
-        let room = payload::room_id(data.ok())?;
+        let input = payload::join_room(payload::read(data))?;
+        let room = input.room_id;
         // Always asks the store: joining is where access is decided.
-        state.chat.room_for(&turn.session.user.id, room).await?;
-        turn.session.mark_verified(room);
-        if !turn.session.is_joined(&room) {
-            state.rooms.acquire(room).await?;
-            if !turn.session.record_join(room) {
-                state.rooms.release(room).await;
-                return Err(ChatError::BadRequest("socket disconnected".into()));
-            }
-            s.join(room_key(&room));
-            tracing::debug!(socket = %s.id, user_id = %turn.session.user.id, room_id = %room, "joined");
+        state.chat.room_for(&session.user.id, room).await?;
+        session.mark_verified(room);
+        if session.is_joined(&room)
+            && let Some(feed) = state.rooms.feed(&room)
+        {
+            return Ok((input, feed, false));
         }
-        Ok(json!({ "ok": true, "roomId": room.to_hex() }))
+        let feed = state.rooms.acquire(room).await?;
+        if !session.record_join(room) {
+            state.rooms.release(room).await;
+            return Err(ChatError::BadRequest("socket disconnected".into()));
+        }
+        Ok((input, feed, true))
     }
     .await;
-    respond(&s, &turn, ack, "join_room", result);
+    let (input, feed, newly) = match joined {
+        Ok(joined) => joined,
+        Err(error) => return respond::<Value>(&s, turn.wants_ack, ack, "join_room", Err(error)),
+    };
+    let room = input.room_id;
+    let Some(after_seq) = input.after_seq else {
+        s.join(room_key(&room));
+        tracing::debug!(socket = %s.id, user_id = %session.user.id, room_id = %room, "joined");
+        let body = json!({ "ok": true, "roomId": room.to_hex() });
+        return respond(&s, turn.wants_ack, ack, "join_room", Ok(body));
+    };
+    // The room's feed replays what follows `afterSeq`, joins the socket and acks, all
+    // between two live messages of the room.
+    let (done, outcome) = tokio::sync::oneshot::channel();
+    let (socket, wants_ack) = (s.clone(), turn.wants_ack);
+    let answer: JoinAnswer = Box::new(move |result| {
+        let ok = result.is_ok();
+        let body = result.map(|r| {
+            json!({ "ok": true, "roomId": room.to_hex(), "replayed": r.replayed, "hasMore": r.has_more })
+        });
+        respond(&socket, wants_ack, ack, "join_room", body);
+        let _ = done.send(ok);
+    });
+    feed.join(s.clone(), after_seq, answer).await;
+    let ok = outcome.await.unwrap_or(false);
+    if ok {
+        tracing::debug!(socket = %s.id, user_id = %session.user.id, room_id = %room, after_seq, "joined with replay");
+    } else if newly && session.record_leave(&room) {
+        state.rooms.release(room).await;
+    }
 }
 
 async fn on_leave_room(
     s: SocketRef,
-    mut turn: Turn,
+    mut turn: Turn<Joins>,
     ack: AckSender,
     State(state): State<SocketState>,
     TryData(data): TryData<Value>,
 ) {
     let result = async {
         turn.wait().await?;
-        let room = payload::room_id(data.ok())?;
+        let room = payload::room_id(payload::read(data))?;
         if turn.session.record_leave(&room) {
             s.leave(room_key(&room));
             state.rooms.release(room).await;
@@ -316,7 +364,7 @@ async fn on_leave_room(
         Ok(json!({ "ok": true }))
     }
     .await;
-    respond(&s, &turn, ack, "leave_room", result);
+    respond(&s, turn.wants_ack, ack, "leave_room", result);
 }
 
 async fn on_send_message(
@@ -328,14 +376,13 @@ async fn on_send_message(
 ) {
     let result = async {
         turn.wait().await?;
-        rate_limit(&s, &turn.session)?;
-        let input = payload::send_message(data.ok())?;
+        let input = payload::send_message(payload::read(data))?;
         authorize(&state, &turn.session, input.room_id).await?;
         let message = state.chat.post_message(&turn.session.user, input.room_id, input.content, input.client_msg_id.as_ref()).await?;
         Ok(json!({ "ok": true, "id": message.id.to_hex(), "createdAt": format_time(&message.created_at) }))
     }
     .await;
-    respond(&s, &turn, ack, "send_message", result);
+    respond(&s, turn.wants_ack, ack, "send_message", result);
     if turn.session.take_kick() {
         let _ = s.disconnect();
     }
@@ -350,14 +397,26 @@ async fn on_typing(
 ) {
     let result = async {
         turn.wait().await?;
-        rate_limit(&s, &turn.session)?;
-        let room = payload::room_id(data.ok())?;
+        let room = payload::room_id(payload::read(data))?;
         authorize(&state, &turn.session, room).await?;
         state.chat.typing(&turn.session.user, room).await?;
         Ok(json!({ "ok": true }))
     }
     .await;
-    respond(&s, &turn, ack, "typing", result);
+    respond(&s, turn.wants_ack, ack, "typing", result);
+    if turn.session.take_kick() {
+        let _ = s.disconnect();
+    }
+}
+
+/// Any other event: refused with `BAD_REQUEST` (and rate-limited like a message), so that a
+/// client emitting a misspelt event hears about it.
+async fn on_unknown_event(s: SocketRef, mut turn: Turn, ack: AckSender) {
+    let result: Result<Value, ChatError> = match turn.wait().await {
+        Err(error) => Err(error),
+        Ok(()) => Err(ChatError::BadRequest("unknown event".into())),
+    };
+    respond(&s, turn.wants_ack, ack, "unknown", result);
     if turn.session.take_kick() {
         let _ = s.disconnect();
     }

@@ -2,6 +2,7 @@
 
 use crate::drain::{Drain, InFlight};
 use crate::error::ChatError;
+use crate::limits::{Limits, UserLimiter};
 use shared::ObjectId;
 use shared::jwt::AuthUser;
 use socketioxide::adapter::Adapter;
@@ -9,36 +10,20 @@ use socketioxide::handler::FromMessageParts;
 use socketioxide::handler::Value;
 use socketioxide::socket::Socket;
 use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// Per-connection limits on `send_message` and `typing`.
-#[derive(Debug, Clone, Copy)]
-pub struct EventLimits {
-    /// Sustained events per second.
-    pub per_second: f64,
-    /// Events allowed at once above the sustained rate.
-    pub burst: f64,
-    /// Refused events in a row after which the socket is disconnected.
-    pub disconnect_after: u32,
-}
-
 /// What the rate limiter says about one event.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Allowed,
     Refused,
     /// Refused, and the client keeps going over the limit: disconnect it.
     Disconnect,
-}
-
-/// A token bucket, refilled continuously.
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-    refused_in_a_row: u32,
 }
 
 /// What the gateway keeps for one connected socket.
@@ -53,12 +38,13 @@ pub struct Session {
     previous: Mutex<Option<oneshot::Receiver<()>>>,
     /// Cancelled when the socket disconnects; ends the socket's background tasks.
     pub closed: CancellationToken,
-    limits: EventLimits,
-    bucket: Mutex<Bucket>,
-    kick: std::sync::atomic::AtomicBool,
+    limits: Arc<Limits>,
+    /// Events refused in a row by the rate limits.
+    refused_in_a_row: AtomicU32,
+    kick: AtomicBool,
     /// Set once the socket is being cut off for flooding, so that the events still queued
     /// behind that decision are refused without logging and counting it again.
-    cut_off: std::sync::atomic::AtomicBool,
+    cut_off: AtomicBool,
 }
 
 #[derive(Default)]
@@ -72,7 +58,7 @@ impl Session {
         user: AuthUser,
         membership_ttl: Duration,
         drain: Arc<Drain>,
-        limits: EventLimits,
+        limits: Arc<Limits>,
     ) -> Self {
         Self {
             user,
@@ -83,46 +69,36 @@ impl Session {
             previous: Mutex::new(None),
             closed: CancellationToken::new(),
             limits,
+            refused_in_a_row: AtomicU32::new(0),
             kick: Default::default(),
             cut_off: Default::default(),
-            bucket: Mutex::new(Bucket {
-                tokens: limits.burst,
-                last: Instant::now(),
-                refused_in_a_row: 0,
-            }),
         }
     }
 
     /// Marks the socket to be disconnected after the current event's answer.
     pub fn kick(&self) {
-        self.kick.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.kick.store(true, Ordering::Relaxed);
     }
 
     /// `true` the first time only: the socket is now being cut off for flooding.
     pub fn cut_off_once(&self) -> bool {
-        !self
-            .cut_off
-            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        !self.cut_off.swap(true, Ordering::Relaxed)
     }
 
     pub fn take_kick(&self) -> bool {
-        self.kick.swap(false, std::sync::atomic::Ordering::Relaxed)
+        self.kick.swap(false, Ordering::Relaxed)
     }
 
-    /// Takes one token for a rate-limited event.
-    pub fn admit_event(&self) -> Admission {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        let refill = now.duration_since(bucket.last).as_secs_f64() * self.limits.per_second;
-        bucket.tokens = (bucket.tokens + refill).min(self.limits.burst);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            bucket.refused_in_a_row = 0;
+    /// Takes one token of the user's budget (shared with their other sockets and REST).
+    pub fn admit_event(&self, limiter: &UserLimiter, ends_refusals: bool) -> Admission {
+        if limiter.try_take(&self.user.id) {
+            if ends_refusals {
+                self.refused_in_a_row.store(0, Ordering::Relaxed);
+            }
             return Admission::Allowed;
         }
-        bucket.refused_in_a_row += 1;
-        if bucket.refused_in_a_row >= self.limits.disconnect_after {
+        let refused = self.refused_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if refused >= self.limits.disconnect_after {
             Admission::Disconnect
         } else {
             Admission::Refused
@@ -192,6 +168,35 @@ impl Session {
     }
 }
 
+/// Which budget an event takes from ([`Limits`]).
+pub trait EventKind: Send + Sync + 'static {
+    fn limiter(limits: &Limits) -> &UserLimiter;
+    /// Whether an allowed event of this kind ends a run of refusals (a join in between
+    /// does not save a flooding socket).
+    const ENDS_REFUSALS: bool;
+}
+
+/// `send_message`, `typing` and unknown events.
+pub struct Messages;
+/// `join_room` and `leave_room`.
+pub struct Joins;
+
+impl EventKind for Messages {
+    const ENDS_REFUSALS: bool = true;
+
+    fn limiter(limits: &Limits) -> &UserLimiter {
+        &limits.events
+    }
+}
+
+impl EventKind for Joins {
+    const ENDS_REFUSALS: bool = false;
+
+    fn limiter(limits: &Limits) -> &UserLimiter {
+        &limits.joins
+    }
+}
+
 /// Extractor for every client event: the socket's [`Session`], whether the client asked
 /// for an ack, and its turn.
 ///
@@ -199,20 +204,34 @@ impl Session {
 /// otherwise be handled concurrently and finish out of order. Extractors run synchronously
 /// in arrival order, so each event takes the completion signal of the one before it here,
 /// and waits for it in [`Turn::wait`].
-pub struct Turn {
+///
+/// The rate limit is checked here too, before the event takes a place in that line: a
+/// refused event is answered at once and leaves nothing waiting behind it, so a flood
+/// cannot pile up tasks.
+pub struct Turn<K: EventKind = Messages> {
     pub session: Arc<Session>,
     pub wants_ack: bool,
     /// `None` when the gateway is shutting down: the event is refused, not half-done.
     admitted: Option<InFlight>,
+    /// Refused by the rate limit (and outside the line of events).
+    limited: bool,
     previous: Option<oneshot::Receiver<()>>,
     // Dropped when this event is done, which releases the next one.
-    _done: oneshot::Sender<()>,
+    _done: Option<oneshot::Sender<()>>,
+    _kind: PhantomData<K>,
 }
 
-impl Turn {
+impl<K: EventKind> Turn<K> {
     /// Waits until every earlier event of this socket was handled. Fails with
-    /// `UNAVAILABLE` when the event arrived after shutdown started.
+    /// `RATE_LIMITED` when the event is over the user's rate, and with `UNAVAILABLE` when
+    /// it arrived after shutdown started.
     pub async fn wait(&mut self) -> Result<(), ChatError> {
+        if self.limited {
+            return Err(ChatError::RateLimited {
+                message: "rate limit exceeded".into(),
+                retry_after_secs: 1,
+            });
+        }
         if let Some(previous) = self.previous.take() {
             // An error only means the previous handler finished (its sender was dropped).
             let _ = previous.await;
@@ -229,7 +248,7 @@ impl Turn {
 #[error("socket has no session")]
 pub struct NoSession;
 
-impl<A: Adapter> FromMessageParts<A> for Turn {
+impl<A: Adapter, K: EventKind> FromMessageParts<A> for Turn<K> {
     type Error = NoSession;
 
     fn from_message_parts(
@@ -238,6 +257,26 @@ impl<A: Adapter> FromMessageParts<A> for Turn {
         ack_id: &Option<i64>,
     ) -> Result<Self, NoSession> {
         let session = s.extensions.get::<Arc<Session>>().ok_or(NoSession)?;
+        let admission = session.admit_event(K::limiter(&session.limits), K::ENDS_REFUSALS);
+        if admission != Admission::Allowed {
+            metrics::counter!("chat_gateway_rate_limited_total").increment(1);
+            // Decided once per socket: events already queued behind the decision are
+            // refused without logging and counting the disconnect again.
+            if admission == Admission::Disconnect && session.cut_off_once() {
+                metrics::counter!("chat_gateway_rate_limit_disconnects_total").increment(1);
+                tracing::warn!(user_id = %session.user.id, "rate limit exceeded persistently, disconnecting");
+                session.kick();
+            }
+            return Ok(Turn {
+                admitted: None,
+                limited: true,
+                session,
+                wants_ack: ack_id.is_some(),
+                previous: None,
+                _done: None,
+                _kind: PhantomData,
+            });
+        }
         let (done, next) = oneshot::channel();
         let previous = session
             .previous
@@ -246,10 +285,12 @@ impl<A: Adapter> FromMessageParts<A> for Turn {
             .replace(next);
         Ok(Turn {
             admitted: session.drain.enter(),
+            limited: false,
             session,
             wants_ack: ack_id.is_some(),
             previous,
-            _done: done,
+            _done: Some(done),
+            _kind: PhantomData,
         })
     }
 }

@@ -421,9 +421,9 @@ impl TestApp {
     }
 
     /// Creates rooms like [`TestApp::room`] until one falls in the same ingest partition as
-    /// `room`. Messages of one partition are stored and published in one order, so a message
-    /// in that room is a barrier for `room`: anything of `room` published before it arrives
-    /// before it. (Rooms of different partitions have no order between them.)
+    /// `room`: messages of one partition are stored and published in one order. A gateway
+    /// delivers each room through its own feed, so a message in that room is a barrier for
+    /// a socket only behind a witness (see the socket tests).
     pub async fn room_beside(&self, token: &str, others: &[&str], room: &str) -> String {
         let keys = shared::backplane::Keys::new(&self.prefix, 16);
         let partition = keys.partition_of(&room.parse().unwrap());

@@ -151,6 +151,19 @@ impl SioClient {
     }
 
     /// Emits an event with one argument and waits for its ack.
+    /// Sends the raw frame `frame(ack_id)` and waits for the ack of that id.
+    pub async fn raw_request(&mut self, frame: impl FnOnce(i64) -> String) -> Value {
+        let id = self.next_ack;
+        self.next_ack += 1;
+        let (tx, rx) = oneshot::channel();
+        self.inbox.lock().unwrap().acks.insert(id, tx);
+        self.send_raw(frame(id));
+        tokio::time::timeout(TIMEOUT, rx)
+            .await
+            .expect("ack timed out")
+            .expect("ack dropped")
+    }
+
     pub async fn request(&mut self, event: &str, data: Value) -> Value {
         let rx = self.emit_with_ack(event, vec![data]);
         tokio::time::timeout(TIMEOUT, rx)
@@ -178,6 +191,12 @@ impl SioClient {
             .filter(|(n, _)| n == name)
             .map(|(_, v)| v.clone())
             .collect()
+    }
+
+    /// How many events called `name` were received and not yet taken.
+    pub fn count(&self, name: &str) -> usize {
+        let inbox = self.inbox.lock().unwrap();
+        inbox.events.iter().filter(|(n, _)| n == name).count()
     }
 
     /// Waits until the connection closed or the server disconnected the namespace.

@@ -65,6 +65,11 @@ impl Keys {
         format!("{}:seq", self.tag(partition))
     }
 
+    /// How many times each room of a partition lost a participant (a hash: room id → count).
+    pub fn ingest_members(&self, partition: u16) -> String {
+        format!("{}:members", self.tag(partition))
+    }
+
     /// The fencing token counter of a partition.
     pub fn ingest_fence(&self, partition: u16) -> String {
         format!("{}:fence", self.tag(partition))

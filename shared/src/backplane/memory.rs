@@ -155,6 +155,11 @@ impl Backplane for MemoryBackplane {
         Ok(())
     }
 
+    async fn members_changed(&self, _room: ObjectId) -> Result<(), BackplaneError> {
+        // Removal notices are delivered in-process and cannot be lost.
+        Ok(())
+    }
+
     async fn subscribe(&self, room: ObjectId) -> Result<(), BackplaneError> {
         lock(&self.rooms).insert(room);
         Ok(())

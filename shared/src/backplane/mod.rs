@@ -76,6 +76,12 @@ pub enum BackplaneError {
 /// own task: it must not block.
 pub type RoomEventSink = Arc<dyn Fn(RoomEvent) + Send + Sync>;
 
+/// Called when room events may have been lost for this process: after the pub/sub
+/// connection came back and every channel was subscribed again, and after the process fell
+/// behind its pub/sub buffer. The gateway then checks its rooms against the store.
+/// Called on the backplane's own task: it must not block.
+pub type MissedSink = Arc<dyn Fn() + Send + Sync>;
+
 /// The gateway's side of the backplane.
 #[async_trait]
 pub trait Backplane: Send + Sync + 'static {
@@ -97,6 +103,11 @@ pub trait Backplane: Send + Sync + 'static {
 
     /// Publishes events to their rooms' subscribers on every gateway. At most once.
     async fn publish(&self, events: &[RoomEvent]) -> Result<(), BackplaneError>;
+
+    /// Counts a removal from `room`'s participants (after the store has it). Every later
+    /// batch of the room carries the count, so gateways notice the removal even when its
+    /// notice on the control channel is lost.
+    async fn members_changed(&self, room: ObjectId) -> Result<(), BackplaneError>;
 
     /// Starts delivering a room's events to this process's sink.
     async fn subscribe(&self, room: ObjectId) -> Result<(), BackplaneError>;
@@ -192,6 +203,7 @@ pub fn group_by_room(messages: &[ChatMessage]) -> Vec<RoomEvent> {
             Some(RoomEvent::Messages(crate::wire::MessageBatch {
                 room_id: room,
                 messages,
+                members_version: None,
             }))
         })
         .collect()

@@ -15,7 +15,7 @@ use super::{
     Appended, BackplaneError, Ingest, IngestEntry, IngestSettings, Keys, Lease, ReadPosition,
 };
 use crate::config::RedisSettings;
-use crate::wire::{ChatMessage, RoomEvent};
+use crate::wire::{ChatMessage, MessageBatch, RoomEvent};
 use async_trait::async_trait;
 use chrono::DateTime;
 use fred::prelude::*;
@@ -393,6 +393,7 @@ impl Ingest for RedisIngest {
         let mut keys = vec![
             self.keys.ingest_stream(lease.partition),
             self.keys.ingest_lease(lease.partition),
+            self.keys.ingest_members(lease.partition),
         ];
         let mut args = vec![
             lease.holder.clone(),
@@ -401,11 +402,20 @@ impl Ingest for RedisIngest {
         ];
         for event in events {
             keys.push(self.keys.channel_of(event));
+            // The script puts the room's current count of removals in place of the 0.
+            let event = match event {
+                RoomEvent::Messages(batch) => RoomEvent::Messages(MessageBatch {
+                    members_version: Some(0),
+                    ..batch.clone()
+                }),
+                other => other.clone(),
+            };
             args.push(
-                serde_json::to_string(event)
+                serde_json::to_string(&event)
                     .map_err(|e| BackplaneError::Malformed(e.to_string()))?,
             );
         }
+        args.extend(events.iter().map(|e| e.room_id().to_hex()));
         args.extend(ids.iter().cloned());
         let acked: i64 = SCRIPTS
             .complete

@@ -5,7 +5,7 @@
 
 use super::redis_ingest::IngestWriter;
 use super::redis_util::{connect_checked, subscriber_builder};
-use super::{Appended, Backplane, BackplaneError, IngestSettings, Keys, RoomEventSink};
+use super::{Appended, Backplane, BackplaneError, IngestSettings, Keys, MissedSink, RoomEventSink};
 use crate::config::RedisSettings;
 use crate::wire::{ChatMessage, RoomEvent};
 use async_trait::async_trait;
@@ -51,16 +51,19 @@ impl RedisBackplane {
     }
 
     /// Connects and delivers the events of subscribed rooms to `sink` (the gateway's use).
-    /// Subscriptions are restored after every reconnect.
+    /// Subscriptions are restored after every reconnect; `missed` is called once they are,
+    /// and whenever this process fell behind, because events may have been lost meanwhile.
     pub async fn connect_with_sink(
         settings: &RedisSettings,
         ingest: &IngestSettings,
         sink: RoomEventSink,
+        missed: MissedSink,
     ) -> Result<Self, BackplaneError> {
         let mut backplane = Self::connect(settings, ingest).await?;
         let subscriber = subscriber_builder(settings)?.build_subscriber_client()?;
-        subscriber.init().await?;
-        backplane.watch_subscriptions(&subscriber);
+        let task = subscriber.init().await?;
+        super::redis_util::supervise(subscriber.clone(), task);
+        backplane.watch_subscriptions(&subscriber, missed.clone());
         subscriber
             .ssubscribe(backplane.keys.control_channel())
             .await?;
@@ -75,8 +78,9 @@ impl RedisBackplane {
                         metrics::counter!("chat_gateway_backplane_lagged_total").increment(n);
                         tracing::error!(
                             lost = n,
-                            "pub/sub fan-out fell behind and Redis messages were lost; raise REDIS_PUBSUB_CAPACITY"
+                            "pub/sub fan-out fell behind and Redis messages were lost (the rooms are repaired from the store); raise REDIS_PUBSUB_CAPACITY"
                         );
+                        missed();
                     }
                     Err(RecvError::Closed) => break,
                 }
@@ -93,7 +97,7 @@ impl RedisBackplane {
     /// Restores the subscriptions after every reconnect and keeps `subscriptions_live` true
     /// only while they are in place, so that readiness can tell a gateway that would miss
     /// room events.
-    fn watch_subscriptions(&self, subscriber: &SubscriberClient) {
+    fn watch_subscriptions(&self, subscriber: &SubscriberClient, missed: MissedSink) {
         let mut errors = subscriber.error_rx();
         let mut reconnects = subscriber.reconnect_rx();
         let live = self.subscriptions_live.clone();
@@ -121,6 +125,9 @@ impl RedisBackplane {
                                     live.store(true, Ordering::SeqCst);
                                     metrics::counter!("chat_gateway_resubscribes_total").increment(1);
                                     tracing::info!(channels, "Redis subscriber reconnected and resubscribed");
+                                    // Whatever was published while the connection was down
+                                    // is stored by now (publishing follows storing).
+                                    missed();
                                 }
                                 // The connection failed again; the next reconnect retries.
                                 Err(error) => tracing::error!(%error, "resubscribing after a Redis reconnect failed"),
@@ -207,6 +214,15 @@ impl Backplane for RedisBackplane {
             let _: () = pipeline.spublish(self.keys.channel_of(event), json).await?;
         }
         let _: Vec<Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    async fn members_changed(&self, room: ObjectId) -> Result<(), BackplaneError> {
+        let partition = self.keys.partition_of(&room);
+        let _: i64 = self
+            .commands
+            .hincrby(self.keys.ingest_members(partition), room.to_hex(), 1)
+            .await?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 use super::{BackplaneError, Keys};
 use crate::config::RedisSettings;
 use fred::prelude::*;
+use fred::types::ConnectHandle;
 use fred::types::scripts::Script;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -59,10 +60,40 @@ fn builder_with_capacity(
     Ok(builder)
 }
 
-/// A connected command client.
+/// Restarts a client's routing task whenever it ends by itself.
+///
+/// fred 10 ends a client's routing task when following a redirection fails (seen when a
+/// slot moved to another master: an `ASK` that ran out of attempts, "Max attempts
+/// reached"). The client is then dead without saying so: every later command waits in its
+/// queue until it times out, and a persister stalled on all its partitions until restarted.
+/// A task that ends without being asked to (an error that is not a cancellation; `quit`
+/// cancels) is started again after a short pause.
+pub(crate) fn supervise<C: ClientLike + Clone + Send + 'static>(client: C, task: ConnectHandle) {
+    tokio::spawn(async move {
+        let mut task = task;
+        loop {
+            match task.await {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) if error.is_canceled() => return,
+                Ok(Err(error)) => {
+                    tracing::warn!(client = client.id(), %error, "Redis client's routing task ended: restarting it");
+                }
+                Err(error) => {
+                    tracing::warn!(client = client.id(), %error, "Redis client's routing task failed: restarting it");
+                }
+            }
+            metrics::counter!("chat_redis_client_restarts_total").increment(1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            task = client.connect();
+        }
+    });
+}
+
+/// A connected command client, its routing task supervised ([`supervise`]).
 pub async fn connect_client(settings: &RedisSettings) -> Result<Client, BackplaneError> {
     let client = builder(settings)?.build()?;
-    client.init().await?;
+    let task = client.init().await?;
+    supervise(client.clone(), task);
     Ok(client)
 }
 
