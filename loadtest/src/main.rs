@@ -639,7 +639,14 @@ async fn idle(
     concurrency: usize,
     hold: u64,
 ) -> anyhow::Result<Value> {
-    let users = setup::users(target, clients).await?;
+    // Every client authenticated and joined to a room (of 100), as a chat client sits.
+    const ROOM_SIZE: usize = 100;
+    let groups = setup::rooms(target, clients.div_ceil(ROOM_SIZE), ROOM_SIZE).await?;
+    let users: Vec<(shared::ObjectId, setup::User)> = groups
+        .into_iter()
+        .flat_map(|(room, users)| users.into_iter().map(move |u| (room, u)))
+        .take(clients)
+        .collect();
     let before = report::procs(pids);
     let connected = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -650,7 +657,7 @@ async fn idle(
     let limit = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(users.len());
-    for (i, user) in users.into_iter().enumerate() {
+    for (i, (room, user)) in users.into_iter().enumerate() {
         let (target, connected, failed, limit) = (
             target.clone(),
             connected.clone(),
@@ -659,9 +666,9 @@ async fn idle(
         );
         tasks.push(tokio::spawn(async move {
             let _permit = limit.acquire().await.ok()?;
-            let (tx, rx) = mpsc::unbounded_channel();
-            let connecting = setup::connect(&target, i, &user, tx).await;
-            tally(i, connecting, &connected, &failed).map(|client| (client, rx))
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let joining = setup::join(&target, i, &user, room, tx, &mut rx).await;
+            tally(i, joining, &connected, &failed).map(|client| (client, rx))
         }));
     }
     let mut held = Vec::with_capacity(tasks.len());

@@ -178,16 +178,6 @@ async fn register(
     Ok(out)
 }
 
-/// `n` users that need no room: minted tokens with --jwt-secret (no store involved), else
-/// registered through the REST API.
-pub async fn users(target: &Target, n: usize) -> anyhow::Result<Vec<User>> {
-    let groups = match &target.jwt_secret {
-        Some(secret) => mint(secret, 1, n)?,
-        None => register(target, 1, n).await?,
-    };
-    Ok(groups.into_iter().flat_map(|(_, users)| users).collect())
-}
-
 /// Connects client `index`, spread over the URLs and source addresses.
 pub async fn connect(
     target: &Target,
