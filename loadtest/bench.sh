@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs the same load scenarios against this project and the Node.js peer
-# (loadtest/peers/node: socket.io 4 + @socket.io/redis-adapter) in one run, and writes a
-# side-by-side table with ratios.
+# Runs the same load scenarios against this project and two peers in one run, and writes a
+# side-by-side table with ratios: the Node.js peer (loadtest/peers/node: socket.io 4 +
+# @socket.io/redis-adapter), what a Node team would deploy, and the socketioxide peer
+# (loadtest/peers/socketioxide: socketioxide + socketioxide-redis), the floor of the
+# library this project is built on. The idle scenario also runs on fresh processes at
+# IDLE_FRESH_SMALL and IDLE_FRESH_LARGE connections for every side.
 #
 #   loadtest/bench.sh [OUT_DIR]        (default: target/bench/<timestamp>)
 #
@@ -30,10 +33,13 @@ CONNECT_CLIENTS=${CONNECT_CLIENTS:-10000}
 MESSAGE_RATE=${MESSAGE_RATE:-1000}
 PERSIST_MESSAGES=${PERSIST_MESSAGES:-20000}
 IDLE_CLIENTS=${IDLE_CLIENTS:-15000}
+IDLE_FRESH_SMALL=${IDLE_FRESH_SMALL:-5000}
+IDLE_FRESH_LARGE=${IDLE_FRESH_LARGE:-15000}
 SECRET="bench-secret-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 
 echo "==> building (release)"
 cargo build --release --locked -p gateway -p persister -p loadtest
+(cd loadtest/peers/socketioxide && cargo build --release --locked)
 if [ ! -x .venv/bin/secantusd-py ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check --pre -r tests/python/requirements.txt
@@ -87,6 +93,8 @@ start_ours() {
   p_admin=$(free_port)
   METRICS_PORT=$p_admin TOKIO_WORKER_THREADS=1 server target/release/persister
   persister_pid=${pids[-1]}
+  # Bound before the next free port is picked, or a gateway could be handed the same one.
+  wait_http "http://127.0.0.1:$p_admin/healthz"
   urls=() metrics=() gw_pids=()
   for _ in 1 2; do
     port=$(free_port) admin=$(free_port)
@@ -120,9 +128,42 @@ start_peer() {
   target=(--jwt-secret "$SECRET" --mint-only)
 }
 
+start_socketioxide() {
+  start_redis
+  urls=() metrics=() gw_pids=()
+  for _ in 1 2; do
+    port=$(free_port)
+    # One worker thread, as each gateway and each Node process has here.
+    PORT=$port JWT_SECRET=$SECRET REDIS_URL="redis://127.0.0.1:$redis_port" TOKIO_WORKER_THREADS=1 \
+      server loadtest/peers/socketioxide/target/release/socketioxide-peer
+    gw_pids+=("${pids[-1]}")
+    urls+=(--url "http://127.0.0.1:$port")
+    wait_http "http://127.0.0.1:$port/healthz"
+  done
+  target=(--jwt-secret "$SECRET" --mint-only)
+}
+
+# Idle connections on fresh processes of one side, at two sizes: the slope between them is
+# what one more connection costs, without the process's fixed cost.
+fresh_idle() { # start function
+  local clients
+  for clients in "$IDLE_FRESH_SMALL" "$IDLE_FRESH_LARGE"; do
+    done_already "idle-fresh-$clients" && continue
+    "$1"
+    echo "==> $side: idle on a fresh process, $clients"
+    load "${urls[@]:0:2}" "${target[@]}" --pid "${gw_pids[0]}" --source 127.0.0.2,127.0.0.3 \
+      --json "$out/$side-idle-fresh-$clients.json" idle --clients "$clients" >/dev/null
+    stop_all
+  done
+}
+
+# RESUME=1 skips the scenarios whose results are already in OUT_DIR (a run cut short).
+done_already() { [ -n "${RESUME:-}" ] && [ -f "$out/$side-$1.json" ]; }
+
 run() { # name, then loadtest arguments
   local name=$1
   shift
+  done_already "$name" && return 0
   local pidargs=()
   for p in "${gw_pids[@]}"; do pidargs+=(--pid "$p"); done
   echo "==> $side: $name"
@@ -144,6 +185,7 @@ scenarios() {
   # Idle connections all on the first server, so its RSS growth is per connection.
   local first=("${urls[@]:0:2}")
   local pidargs=(--pid "${gw_pids[0]}")
+  done_already idle && return 0
   echo "==> $side: idle"
   load "${first[@]}" "${target[@]}" "${pidargs[@]}" --source 127.0.0.2,127.0.0.3 \
     --json "$out/$side-idle.json" idle --clients "$IDLE_CLIENTS" >/dev/null
@@ -163,7 +205,7 @@ start_ours
 # The persister against the store's own batched insert rate (the peer stores nothing), with
 # the persister's metrics and pid only, so that the CPU and memory reported are its own.
 echo "==> $side: persist"
-load "${urls[@]}" "${persister_metrics[@]}" "${target[@]}" --pid "$persister_pid" \
+done_already persist || load "${urls[@]}" "${persister_metrics[@]}" "${target[@]}" --pid "$persister_pid" \
   --json "$out/$side-persist.json" persist --messages "$PERSIST_MESSAGES" >/dev/null
 stop_all
 if [ "${ONLY:-}" = persist ]; then
@@ -171,10 +213,20 @@ if [ "${ONLY:-}" = persist ]; then
   exit 0
 fi
 
+side=gateway
+fresh_idle start_ours
+
 side=node
 start_peer
 scenarios
 stop_all
+fresh_idle start_peer
+
+side=socketioxide
+start_socketioxide
+scenarios
+stop_all
+fresh_idle start_socketioxide
 
 python3 loadtest/compare.py "$out" | tee "$out/summary.md"
 echo "results in $out"
