@@ -253,6 +253,7 @@ impl Application {
                 limits: limits.clone(),
                 users: Arc::new(crate::user_lookup::UserLookup::new(store.clone())),
                 connections: Arc::new(Connections::new(settings.max_connections_per_user)),
+                expiries: socket::Expiries::start(),
             })
             .build_layer();
         socket::register(&io);
@@ -277,7 +278,10 @@ impl Application {
         if !settings.no_web_ui {
             api_router = api_router.merge(http::web::router());
         }
-        let api_router = api_router.layer(layer);
+        // Outside the Socket.IO layer, so that it runs first: see `socket::detach_request`.
+        let api_router = api_router
+            .layer(layer)
+            .layer(axum::middleware::map_request(socket::detach_request));
         // Ready means this gateway can take connections and sends: Redis and its room
         // subscriptions. MongoDB is left out on purpose: a MongoDB blip would otherwise turn
         // every gateway unready at once and empty the Service, although sends and live

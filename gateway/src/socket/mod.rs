@@ -4,6 +4,8 @@
 //! Every event accepts an optional ack. A failed event is answered with a failure ack, or,
 //! when the client asked for none, with an `exception` event. Bad input never disconnects.
 
+mod detach;
+mod expiry;
 pub(crate) mod payload;
 pub(crate) mod session;
 
@@ -27,6 +29,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use detach::detach_request;
+pub use expiry::Expiries;
+
 /// Shared by every socket handler (socketioxide state).
 #[derive(Clone)]
 pub struct SocketState {
@@ -37,6 +42,8 @@ pub struct SocketState {
     pub limits: Arc<Limits>,
     pub connections: Arc<Connections>,
     pub users: Arc<crate::user_lookup::UserLookup>,
+    /// Token expiries of this gateway's sockets.
+    pub expiries: Arc<Expiries>,
 }
 
 /// Open connections per user on this gateway, bounded.
@@ -157,7 +164,7 @@ async fn authenticate(
                 state.limits.clone(),
             ));
             s.extensions.insert(session.clone());
-            disconnect_at_expiry(s.clone(), session);
+            state.expiries.insert(session.user.exp, s.clone());
             s.on("join_room", on_join_room);
             s.on("leave_room", on_leave_room);
             s.on("send_message", on_send_message);
@@ -206,26 +213,6 @@ async fn current_user(
     }
 }
 
-/// Disconnects the socket when its token expires, after an `exception` saying so
-/// (`{ status: "error", event: "connect", code: "UNAUTHORIZED", message: "token expired" }`).
-/// The client reconnects with a fresh token.
-fn disconnect_at_expiry(s: SocketRef, session: Arc<Session>) {
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    let left = Duration::from_millis(u64::try_from(session.user.exp * 1000 - now_ms).unwrap_or(0));
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = session.closed.cancelled() => {}
-            _ = tokio::time::sleep(left) => {
-                metrics::counter!("chat_gateway_token_expiry_disconnects_total").increment(1);
-                tracing::debug!(socket = %s.id, user_id = %session.user.id, "token expired, disconnecting");
-                let error = ChatError::Unauthorized(TokenError::Expired.to_string());
-                let _ = s.emit("exception", &error.exception("connect"));
-                let _ = s.disconnect();
-            }
-        }
-    });
-}
-
 /// Everything is set up by [`authenticate`]; see there why.
 async fn on_connect() {}
 
@@ -235,6 +222,7 @@ async fn on_disconnect(s: SocketRef, reason: DisconnectReason, State(state): Sta
         .increment(1);
     if let Some(session) = s.extensions.get::<Arc<Session>>() {
         tracing::debug!(socket = %s.id, user_id = %session.user.id, %reason, "disconnected");
+        state.expiries.remove(session.user.exp, s.id);
         state.connections.remove(session.user.id);
         for room in session.close() {
             state.rooms.release(room).await;
