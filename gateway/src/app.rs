@@ -214,6 +214,11 @@ impl Application {
             store: store.clone(),
             backplane: backplane.clone(),
             jwt,
+            members: Arc::new(crate::membership::MembershipCache::new(
+                store.clone(),
+                backplane.clone(),
+                settings.membership_cache_rooms,
+            )),
         };
         let rooms = RoomRegistry::new(
             backplane.clone(),

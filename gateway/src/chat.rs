@@ -16,6 +16,8 @@ pub struct Chat {
     pub store: Arc<dyn Store>,
     pub backplane: Arc<dyn Backplane>,
     pub jwt: JwtKeys,
+    /// Participants cached for the socket events' checks.
+    pub members: Arc<crate::membership::MembershipCache>,
 }
 
 impl Chat {
@@ -32,6 +34,12 @@ impl Chat {
             ));
         }
         Ok(room)
+    }
+
+    /// `Ok` when `user` is a participant of `room`, from the membership cache: for checks
+    /// that need no more of the room (joining, sending and typing on a socket).
+    pub async fn check_member(&self, user: &ObjectId, room: ObjectId) -> Result<(), ChatError> {
+        self.members.check(user, room).await
     }
 
     /// Accepts a message: assigns its id and time and appends it to the ingest stream.

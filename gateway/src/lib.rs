@@ -15,6 +15,7 @@ mod error;
 mod feed;
 mod http;
 mod limits;
+mod membership;
 mod rooms;
 mod settings;
 mod socket;

@@ -78,6 +78,10 @@ pub struct Settings {
     /// again, in seconds.
     #[arg(long, env = "MEMBERSHIP_CACHE_SECS", default_value_t = 30)]
     pub membership_cache_secs: u64,
+    /// Rooms whose participants a gateway keeps for the checks of joins and sends (read
+    /// again after any removal; see docs/RELIABILITY.md).
+    #[arg(long, env = "MEMBERSHIP_CACHE_ROOMS", default_value_t = 10_000)]
+    pub membership_cache_rooms: usize,
     /// On SIGTERM, how long in-flight work may take before the process exits, in seconds.
     #[arg(long, env = "SHUTDOWN_DRAIN_SECS", default_value_t = 10)]
     pub shutdown_drain_secs: u64,

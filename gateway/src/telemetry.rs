@@ -115,4 +115,12 @@ pub fn describe() {
         "chat_gateway_token_expiry_disconnects_total",
         "Sockets disconnected because their token expired."
     );
+    describe_counter!(
+        "chat_gateway_membership_checks_total",
+        "Participant checks of joins and sends, by where the answer came from (source: cache, store)."
+    );
+    describe_counter!(
+        "chat_gateway_membership_reads_total",
+        "Rooms whose participants were read from the store for the membership cache."
+    );
 }

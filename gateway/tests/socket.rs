@@ -655,6 +655,28 @@ async fn a_removed_participant_loses_every_access_on_every_gateway() {
     assert_eq!(status, reqwest::StatusCode::BAD_REQUEST);
 }
 
+/// The gateway keeps a room's participants after the first check; someone added later is
+/// not refused on that stale list, and a removal is seen at once (the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_added_after_the_room_was_checked_may_join_at_once() {
+    let app = TestApp::spawn(1).await;
+    let (ann, _) = app.user("ann").await;
+    let (eve, eve_id) = app.user("eve").await;
+    let room = app.room(&ann, &[]).await;
+    let _a = app.member(0, &ann, &[&room]).await; // the room's participants are now known
+    let mut e = SioClient::with_token(app.port(0), &eve).await;
+    let ack = e.request("join_room", json!({ "roomId": room })).await;
+    assert_eq!(ack["error"]["code"], json!("FORBIDDEN"), "{ack}");
+
+    let add = format!("/chat/rooms/{room}/participants");
+    let (status, body) = app
+        .call("POST", &add, Some(&ann), Some(json!({ "userId": eve_id })))
+        .await;
+    assert!(status.is_success(), "{body}");
+    let ack = e.request("join_room", json!({ "roomId": room })).await;
+    assert_eq!(ack, json!({ "ok": true, "roomId": room }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_rate_and_connections_per_user_are_limited() {
     let mut app = TestApp::spawn(0).await;

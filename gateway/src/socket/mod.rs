@@ -270,7 +270,7 @@ async fn authorize(
     if session.is_verified(&room) {
         return Ok(());
     }
-    state.chat.room_for(&session.user.id, room).await?;
+    state.chat.check_member(&session.user.id, room).await?;
     session.mark_verified(room);
     Ok(())
 }
@@ -287,8 +287,9 @@ async fn on_join_room(
         turn.wait().await?;
         let input = payload::join_room(payload::read(data))?;
         let room = input.room_id;
-        // Always asks the store: joining is where access is decided.
-        state.chat.room_for(&session.user.id, room).await?;
+        // Always checked (not trusting the socket's earlier checks): joining is where
+        // access is decided. The cache is never older than the room's last removal.
+        state.chat.check_member(&session.user.id, room).await?;
         session.mark_verified(room);
         if session.is_joined(&room)
             && let Some(feed) = state.rooms.feed(&room)

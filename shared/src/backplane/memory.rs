@@ -42,6 +42,8 @@ pub struct MemoryBackplane {
     /// The fencing token of the one partition's lease, while it is held.
     lease: Mutex<Option<u64>>,
     tokens: std::sync::atomic::AtomicU64,
+    /// Removals from each room's participants (see `Backplane::members_version`).
+    removals: Mutex<HashMap<ObjectId, u64>>,
 }
 
 /// Idempotency keys with their first append, and the order they expire in: every key lives
@@ -67,6 +69,7 @@ impl MemoryBackplane {
             idempotency: Mutex::default(),
             lease: Mutex::default(),
             tokens: std::sync::atomic::AtomicU64::new(0),
+            removals: Mutex::default(),
         }
     }
 
@@ -155,9 +158,15 @@ impl Backplane for MemoryBackplane {
         Ok(())
     }
 
-    async fn members_changed(&self, _room: ObjectId) -> Result<(), BackplaneError> {
-        // Removal notices are delivered in-process and cannot be lost.
+    async fn members_changed(&self, room: ObjectId) -> Result<(), BackplaneError> {
+        // Removal notices are delivered in-process and cannot be lost; the count is for the
+        // membership cache.
+        *lock(&self.removals).entry(room).or_default() += 1;
         Ok(())
+    }
+
+    async fn members_version(&self, room: ObjectId) -> Result<u64, BackplaneError> {
+        Ok(lock(&self.removals).get(&room).copied().unwrap_or(0))
     }
 
     async fn subscribe(&self, room: ObjectId) -> Result<(), BackplaneError> {

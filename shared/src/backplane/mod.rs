@@ -109,6 +109,10 @@ pub trait Backplane: Send + Sync + 'static {
     /// notice on the control channel is lost.
     async fn members_changed(&self, room: ObjectId) -> Result<(), BackplaneError>;
 
+    /// How many removals [`Backplane::members_changed`] has counted for `room`: a list of its
+    /// participants read when the count was lower may name someone removed since.
+    async fn members_version(&self, room: ObjectId) -> Result<u64, BackplaneError>;
+
     /// Starts delivering a room's events to this process's sink.
     async fn subscribe(&self, room: ObjectId) -> Result<(), BackplaneError>;
 

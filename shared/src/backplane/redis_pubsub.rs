@@ -226,6 +226,15 @@ impl Backplane for RedisBackplane {
         Ok(())
     }
 
+    async fn members_version(&self, room: ObjectId) -> Result<u64, BackplaneError> {
+        let partition = self.keys.partition_of(&room);
+        let count: Option<u64> = self
+            .commands
+            .hget(self.keys.ingest_members(partition), room.to_hex())
+            .await?;
+        Ok(count.unwrap_or(0))
+    }
+
     async fn subscribe(&self, room: ObjectId) -> Result<(), BackplaneError> {
         self.subscriber()?
             .ssubscribe(self.keys.room_channel(&room))
