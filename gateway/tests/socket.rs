@@ -819,14 +819,18 @@ impl SlowReader {
         Self { ws }
     }
 
-    /// Reads what the server still sends until it closes the connection; returns the
-    /// contents of the `message` events.
+    /// Reads what the server still sends until it disconnects the namespace or closes the
+    /// connection; returns the contents of the `message` events.
     async fn drain(mut self) -> Vec<String> {
         use futures::StreamExt;
         let mut contents = Vec::new();
         let read_all = async {
             while let Some(Ok(msg)) = self.ws.next().await {
                 let text = msg.to_text().unwrap_or("").to_owned();
+                // The server's DISCONNECT, sent once the buffer has room for it.
+                if text.starts_with("41/chat,") {
+                    break;
+                }
                 if let Some(json) = text.strip_prefix("42/chat,") {
                     let event: Value = serde_json::from_str(json).unwrap();
                     if event[0] == json!("message") {
@@ -835,7 +839,7 @@ impl SlowReader {
                 }
             }
         };
-        // Up to two heartbeat periods (see the gateway's ping settings below), and some.
+        // The server retries its DISCONNECT every 100 ms until the buffer has room.
         tokio::time::timeout(std::time::Duration::from_secs(20), read_all)
             .await
             .expect("the slow reader was never disconnected");
@@ -851,10 +855,12 @@ async fn a_slow_reader_is_disconnected_and_healthy_readers_get_everything() {
             // Three of the test persister's batches of 50 (a batch arrives as one burst).
             s.socket_buffer_size = 160;
             s.replay_limit = 100;
-            // A reader that reads nothing at all is finally closed by the heartbeat (its
-            // buffer never has room for the disconnect packet).
-            s.ping_interval_secs = 4;
-            s.ping_timeout_secs = 4;
+            // The slow reader never answers pings, and Engine.IO closes a socket whose ping
+            // cannot be queued (its buffer is full) or is not answered in time: a heartbeat
+            // before the buffer fills would close it as a heartbeat timeout, not as a slow
+            // consumer. Long enough that a loaded machine fills the buffer first.
+            s.ping_interval_secs = 60;
+            s.ping_timeout_secs = 60;
         })
         .await;
     let (ann, _) = app.user("ann").await;
