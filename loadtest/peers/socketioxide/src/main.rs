@@ -188,10 +188,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = fred::prelude::Config::from_url(&url)?;
     // The adapter needs RESP3, which fred does not read from the URL.
     config.version = fred::types::RespVersion::RESP3;
-    let client = fred::prelude::Builder::from_config(config).build_subscriber_client()?;
+    // The same buffers as the gateway's defaults, so that neither side drops under the
+    // bench's bursts where the other does not: fred's pub/sub channel (default 32 slots)
+    // and socketioxide's per-socket buffer (default 128).
+    let client = fred::prelude::Builder::from_config(config)
+        .with_performance_config(|p| p.broadcast_channel_capacity = 65_536)
+        .build_subscriber_client()?;
     let adapter = RedisAdapterCtr::new_with_fred(client).await?;
     let (layer, io) = SocketIo::builder()
         .max_payload(100_000)
+        .max_buffer_size(1024)
         .with_state(Keys(jsonwebtoken::DecodingKey::from_secret(
             secret.as_bytes(),
         )))
@@ -201,7 +207,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok" }))
         .layer(layer);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    // A listen backlog of 16,384 as the gateway's (TcpListener::bind uses 128).
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(([127, 0, 0, 1], port).into())?;
+    let listener = socket.listen(16_384)?;
     println!("socketioxide peer listening on 127.0.0.1:{port}");
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
