@@ -181,6 +181,14 @@ scenarios() {
   run fanout-typing fanout --rooms 20 --members 100 --duration "$FANOUT_SECONDS" --event typing
   run fanout-message fanout --rooms 20 --members 100 --duration "$FANOUT_SECONDS" --event message \
     --rate "$MESSAGE_RATE"
+  # The gateways' own view after the fan-out bursts (the pub/sub backlog high-water mark is
+  # what REDIS_PUBSUB_CAPACITY must hold).
+  local i=0 m
+  for m in "${metrics[@]}"; do
+    [ "$m" = --metrics ] && continue
+    i=$((i + 1))
+    curl -fsS "$m/metrics" > "$out/$side-metrics-after-fanout-$i.txt" || true
+  done
   run connect connect --clients "$CONNECT_CLIENTS" --rooms 100
   # Idle connections all on the first server, so its RSS growth is per connection.
   local first=("${urls[@]:0:2}")

@@ -41,6 +41,10 @@ pub fn describe() {
         "chat_gateway_backplane_lagged_total",
         "Room events dropped because the fan-out fell behind Redis pub/sub."
     );
+    describe_gauge!(
+        "chat_gateway_backplane_pubsub_backlog_max_messages",
+        "Most Redis pub/sub messages seen waiting for the fan-out at once since start (REDIS_PUBSUB_CAPACITY must hold them)."
+    );
     describe_counter!(
         "chat_gateway_resubscribes_total",
         "Times the Redis subscriber connection came back and every room channel was subscribed again."

@@ -71,9 +71,20 @@ impl RedisBackplane {
         let keys = backplane.keys.clone();
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
+            // The most messages ever seen waiting in the buffer: what REDIS_PUBSUB_CAPACITY
+            // must hold, measured rather than guessed. Set only when it grows.
+            let mut most = 0;
             loop {
                 match rx.recv().await {
-                    Ok(message) => dispatch(&keys, &sink, message),
+                    Ok(message) => {
+                        let waiting = rx.len() + 1;
+                        if waiting > most {
+                            most = waiting;
+                            metrics::gauge!("chat_gateway_backplane_pubsub_backlog_max_messages")
+                                .set(most as f64);
+                        }
+                        dispatch(&keys, &sink, message)
+                    }
                     Err(RecvError::Lagged(n)) => {
                         metrics::counter!("chat_gateway_backplane_lagged_total").increment(n);
                         tracing::error!(
