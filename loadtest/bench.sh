@@ -60,8 +60,25 @@ stop_all() {
 }
 trap stop_all EXIT INT TERM
 
+# A free port below the kernel's ephemeral range: a port the kernel hands out (bind to 0) may
+# be taken meanwhile as the local port of an outgoing connection (seen: a persister's admin
+# port, after the 15,000 connections of the idle scenario).
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - <<'PY'
+import random, socket
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+while True:
+    port = random.randrange(10000, low)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    break
+PY
 }
 wait_http() {
   for _ in $(seq 1 600); do
