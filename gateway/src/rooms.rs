@@ -11,7 +11,7 @@ use serde::Serialize;
 use shared::ObjectId;
 use shared::backplane::Backplane;
 use shared::store::Store;
-use shared::wire::{ChatMessage, MemberRemoved, RoomEvent};
+use shared::wire::{ChatMessage, MemberRemoved, RoomEvent, UserTyping};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::DisconnectReason;
@@ -284,11 +284,7 @@ impl Fanout {
         let Some(io) = self.io.get() else { return };
         let (messages, members_version) = match event {
             RoomEvent::MemberRemoved(removed) => return self.remove_member(io, &removed),
-            RoomEvent::Typing(typing) => {
-                let room = room_key(&typing.room_id);
-                let except = user_key(&typing.user_id);
-                return emit_serialised(io, &room, Some(except), "user_typing", &typing);
-            }
+            RoomEvent::Typing(typing) => return emit_typing(io, &typing),
             RoomEvent::Message(message) => (vec![message], None),
             RoomEvent::Messages(batch) => (batch.messages, batch.members_version),
         };
@@ -305,6 +301,13 @@ impl Fanout {
 /// Emits `message` to every local socket of a room.
 pub fn emit_to_room(io: &SocketIo, room: &str, message: &ChatMessage) {
     emit_serialised(io, room, None, "message", message);
+}
+
+/// Emits `user_typing` to every local socket of the room but the typing user's own.
+pub fn emit_typing(io: &SocketIo, typing: &UserTyping) {
+    let room = room_key(&typing.room_id);
+    let except = user_key(&typing.user_id);
+    emit_serialised(io, &room, Some(except), "user_typing", typing);
 }
 
 /// Emits one event to every local socket of a room (but those of `except`), serialised once

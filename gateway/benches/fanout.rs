@@ -1,0 +1,97 @@
+//! The per-delivery path of a gateway on a real in-process socketioxide server: one room
+//! event encoded once, then a packet for each of N local sockets pushed into the socket's
+//! buffer and taken out by its transport side. A regression in the encoding, the room
+//! lookup or the per-socket emit shows here.
+//!
+//! `cargo bench -p gateway --bench fanout`
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use gateway::fanout_bench::{NAMESPACE, emit_to_room, emit_typing, room_key, user_key};
+use shared::ObjectId;
+use shared::wire::{ChatMessage, Sender, UserTyping, now_millis};
+use socketioxide::SocketIo;
+use socketioxide::extract::SocketRef;
+use tokio::sync::mpsc::Receiver;
+
+/// The gateway's per-socket buffer (`SOCKET_BUFFER_SIZE`'s default).
+const SOCKET_BUFFER: usize = 1024;
+
+/// A server whose `/chat` sockets all join `room` (and their own user's room, as the
+/// gateway's do), and `members` sockets connected to it.
+async fn server(room: ObjectId, members: usize) -> (SocketIo, Vec<Receiver<engineioxide::Packet>>) {
+    let (_layer, io) = SocketIo::builder()
+        .max_buffer_size(SOCKET_BUFFER)
+        .build_layer();
+    io.ns(NAMESPACE, move |s: SocketRef| async move {
+        s.join(room_key(&room));
+        s.join(user_key(&ObjectId::new()));
+    });
+    let mut receivers = Vec::with_capacity(members);
+    for _ in 0..members {
+        let (_tx, mut rx) = io.new_dummy_sock(NAMESPACE, ()).await;
+        // The namespace's connect packet.
+        rx.recv().await.expect("connected");
+        receivers.push(rx);
+    }
+    (io, receivers)
+}
+
+async fn drain(receivers: &mut [Receiver<engineioxide::Packet>]) {
+    for rx in receivers {
+        rx.recv().await.expect("a delivery");
+    }
+}
+
+fn fanout(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("fan-out to local sockets");
+    for members in [1usize, 100, 1000] {
+        let room = ObjectId::new();
+        let (io, mut receivers) = rt.block_on(server(room, members));
+        let message = ChatMessage {
+            id: ObjectId::new(),
+            room_id: room,
+            sender: Sender {
+                id: ObjectId::new(),
+                email: Some("ann@example.com".into()),
+                display_name: Some("Ann".into()),
+            },
+            content: "Hello! This is a chat message of a typical length, about eighty chars."
+                .into(),
+            created_at: now_millis(),
+            seq: Some(1),
+        };
+        let typing = UserTyping {
+            user_id: ObjectId::new(),
+            room_id: room,
+        };
+        g.throughput(Throughput::Elements(members as u64));
+        g.bench_with_input(BenchmarkId::new("message", members), &members, |b, _| {
+            b.iter(|| {
+                rt.block_on(async {
+                    emit_to_room(&io, &room_key(&room), &message);
+                    drain(&mut receivers).await;
+                })
+            })
+        });
+        g.bench_with_input(
+            BenchmarkId::new("user_typing", members),
+            &members,
+            |b, _| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        emit_typing(&io, &typing);
+                        drain(&mut receivers).await;
+                    })
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);
