@@ -18,11 +18,15 @@ pub struct RedisSettings {
     pub prefix: String,
     /// Pub/sub messages buffered between the Redis connection and the fan-out task.
     /// When the fan-out falls this far behind, the overflow is counted in
-    /// `chat_gateway_backplane_lagged_total` and logged (never dropped silently).
+    /// `chat_gateway_backplane_lagged_total` and logged (never dropped silently), and the
+    /// rooms repair their messages from the store. The buffer is allocated whole at start
+    /// (in each of the subscriber client's event channels): 65,536 slots cost 36 MB of RSS
+    /// before the first client. The bench's fan-out bursts peaked at 73 waiting messages
+    /// (`chat_gateway_backplane_pubsub_backlog_max_messages`, docs/BENCHMARKS.md).
     #[arg(
         long = "redis-pubsub-capacity",
         env = "REDIS_PUBSUB_CAPACITY",
-        default_value_t = 65_536
+        default_value_t = 4_096
     )]
     pub pubsub_capacity: usize,
 }
