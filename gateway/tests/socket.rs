@@ -205,6 +205,40 @@ async fn typing_reaches_others_but_not_the_typer() {
     );
 }
 
+/// `typing` is out of the socket's line of events: a notice is not held behind an earlier
+/// event that waits (here a join whose room must be read from a paused store).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_is_not_held_behind_an_earlier_event_that_waits() {
+    let app = TestApp::spawn(1).await;
+    if app.skip_when_embedded("the store is in the gateway's process") {
+        return;
+    }
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let other = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let b = app.member(0, &bob, &[&room]).await;
+
+    app.mongo.signal("STOP");
+    // Never checked on this gateway, so the join reads the room from the store and waits.
+    let join = a.emit_with_ack("join_room", vec![json!({ "roomId": other })]);
+    let ack = a.request("typing", json!({ "roomId": room })).await;
+    let delivered = b.next("user_typing").await;
+    app.mongo.signal("CONT");
+    assert_eq!(ack, json!({ "ok": true }));
+    assert_eq!(delivered, json!({ "userId": ann_id, "roomId": room }));
+    // The join is answered once the store is back (or refused if it gave up meanwhile).
+    let joined = tokio::time::timeout(std::time::Duration::from_secs(60), join)
+        .await
+        .expect("the join was never answered")
+        .unwrap();
+    assert!(
+        joined["ok"] == json!(true) || joined["error"]["code"] == json!("UNAVAILABLE"),
+        "{joined}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_leave_and_membership() {
     let app = TestApp::spawn(2).await;

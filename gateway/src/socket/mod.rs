@@ -17,7 +17,7 @@ use crate::limits::Limits;
 use crate::rooms::{RoomRegistry, reason_label, room_key, user_key};
 use serde::Serialize;
 use serde_json::{Value, json};
-use session::{Joins, Session, Turn};
+use session::{Joins, Session, Turn, Typing};
 use shared::ObjectId;
 use shared::jwt::{TokenError, bearer};
 use shared::wire::format_time;
@@ -379,7 +379,7 @@ async fn on_send_message(
 
 async fn on_typing(
     s: SocketRef,
-    mut turn: Turn,
+    mut turn: Turn<Typing>,
     ack: AckSender,
     State(state): State<SocketState>,
     TryData(data): TryData<Value>,

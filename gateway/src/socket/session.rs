@@ -168,21 +168,38 @@ impl Session {
     }
 }
 
-/// Which budget an event takes from ([`Limits`]).
+/// Which budget an event takes from ([`Limits`]), and whether it waits for the socket's
+/// earlier events.
 pub trait EventKind: Send + Sync + 'static {
     fn limiter(limits: &Limits) -> &UserLimiter;
     /// Whether an allowed event of this kind ends a run of refusals (a join in between
     /// does not save a flooding socket).
     const ENDS_REFUSALS: bool;
+    /// Whether the event takes a place in the socket's line of events (see [`Turn`]).
+    const ORDERED: bool = true;
 }
 
-/// `send_message`, `typing` and unknown events.
+/// `send_message` and unknown events.
 pub struct Messages;
+/// `typing`: the same budget as messages, but out of line. A typing notice changes no
+/// state, so it needs no order with the socket's other events; in line, each one waited
+/// for the Redis round trip of the one before, which bounded a socket to one notice per
+/// round trip (docs/BENCHMARKS.md).
+pub struct Typing;
 /// `join_room` and `leave_room`.
 pub struct Joins;
 
 impl EventKind for Messages {
     const ENDS_REFUSALS: bool = true;
+
+    fn limiter(limits: &Limits) -> &UserLimiter {
+        &limits.events
+    }
+}
+
+impl EventKind for Typing {
+    const ENDS_REFUSALS: bool = true;
+    const ORDERED: bool = false;
 
     fn limiter(limits: &Limits) -> &UserLimiter {
         &limits.events
@@ -203,7 +220,7 @@ impl EventKind for Joins {
 /// socketioxide runs each event handler on its own task, so two events of one socket could
 /// otherwise be handled concurrently and finish out of order. Extractors run synchronously
 /// in arrival order, so each event takes the completion signal of the one before it here,
-/// and waits for it in [`Turn::wait`].
+/// and waits for it in [`Turn::wait`]. `typing` stays out of that line ([`Typing`]).
 ///
 /// The rate limit is checked here too, before the event takes a place in that line: a
 /// refused event is answered at once and leaves nothing waiting behind it, so a flood
@@ -277,19 +294,24 @@ impl<A: Adapter, K: EventKind> FromMessageParts<A> for Turn<K> {
                 _kind: PhantomData,
             });
         }
-        let (done, next) = oneshot::channel();
-        let previous = session
-            .previous
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(next);
+        let (previous, done) = if K::ORDERED {
+            let (done, next) = oneshot::channel();
+            let previous = session
+                .previous
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replace(next);
+            (previous, Some(done))
+        } else {
+            (None, None)
+        };
         Ok(Turn {
             admitted: session.drain.enter(),
             limited: false,
             session,
             wants_ack: ack_id.is_some(),
             previous,
-            _done: Some(done),
+            _done: done,
             _kind: PhantomData,
         })
     }

@@ -60,11 +60,7 @@ impl Proc {
 
     /// Sends a signal by name (`TERM`, `STOP`, `CONT`…).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name} {}", self.pid());
+        crate::common::servers::signal(self.pid(), name);
     }
 
     /// Waits for the process to exit.

@@ -168,6 +168,20 @@ impl Mongo {
     pub fn uri(&self) -> String {
         format!("mongodb://127.0.0.1:{}", self.port)
     }
+
+    /// Sends a signal by name (`STOP` pauses the store, `CONT` resumes it).
+    pub fn signal(&self, name: &str) {
+        signal(self.child.id(), name);
+    }
+}
+
+/// Sends a signal by name (`TERM`, `STOP`, `CONT`…) to a process this test started.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
 }
 
 impl Drop for Mongo {
