@@ -12,7 +12,8 @@
 # $SERVER_CPU (0), the load generator on core $LOAD_CPU (1), with taskset. All traffic is
 # on loopback and every process started here is stopped by PID at the end.
 #
-# ONLY=persist runs just the persist scenario (this project only).
+# ONLY=persist runs just the persist scenario (this project only). ONLY="fanout-typing …"
+# (scenario names, as in the result files) runs just those, for every side.
 # Scale with env vars: FANOUT_SECONDS (10), MESSAGE_RATE (1000 messages/s in the `message`
 # fan-out), LATENCY_RATE (1000), LATENCY_SECONDS (10),
 # CONNECT_CLIENTS (10000), PERSIST_MESSAGES (20000), IDLE_CLIENTS (15000; one process may hold at most `ulimit -n`
@@ -174,8 +175,12 @@ fresh_idle() { # start function
   done
 }
 
-# RESUME=1 skips the scenarios whose results are already in OUT_DIR (a run cut short).
-done_already() { [ -n "${RESUME:-}" ] && [ -f "$out/$side-$1.json" ]; }
+# RESUME=1 skips the scenarios whose results are already in OUT_DIR (a run cut short), and
+# ONLY skips those it does not name.
+done_already() {
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
+  [ -n "${RESUME:-}" ] && [ -f "$out/$side-$1.json" ]
+}
 
 run() { # name, then loadtest arguments
   local name=$1
@@ -226,7 +231,7 @@ scenarios() {
 
 side=gateway
 start_ours
-[ "${ONLY:-}" = persist ] || scenarios
+scenarios
 # The persister against the store's own batched insert rate (the peer stores nothing), with
 # the persister's metrics and pid only, so that the CPU and memory reported are its own.
 echo "==> $side: persist"
