@@ -234,9 +234,11 @@ start_ours
 scenarios
 # The persister against the store's own batched insert rate (the peer stores nothing), with
 # the persister's metrics and pid only, so that the CPU and memory reported are its own.
-echo "==> $side: persist"
-done_already persist || load "${urls[@]}" "${persister_metrics[@]}" "${target[@]}" --pid "$persister_pid" \
-  --json "$out/$side-persist.json" persist --messages "$PERSIST_MESSAGES" >/dev/null
+if ! done_already persist; then
+  echo "==> $side: persist"
+  load "${urls[@]}" "${persister_metrics[@]}" "${target[@]}" --pid "$persister_pid" \
+    --json "$out/$side-persist.json" persist --messages "$PERSIST_MESSAGES" >/dev/null
+fi
 stop_all
 if [ "${ONLY:-}" = persist ]; then
   echo "results in $out"
