@@ -3,20 +3,37 @@
 //! Every connect checks that its token's user still exists and takes the e-mail and display
 //! name from the record. One query per connect turned a storm of 10,000 connects into 10,000
 //! queries queued in the driver's pool, each waiting behind the others; the lookups that
-//! arrive while a query runs are gathered into the next one (`_id: {$in: [...]}`), so a storm
-//! costs a few dozen queries.
+//! arrive while the queries in flight run are gathered into the next ones (`_id: {$in:
+//! [...]}`), so a storm costs a few hundred queries, several in flight at once.
+//!
+//! Small batches, several at once, rather than one large one at a time: a query's time grows
+//! with its id list, and with the test store faster than linearly (32 ids: about 100 µs per
+//! id; 145: 330 µs; 256: 590 µs; docs/BENCHMARKS.md), and one slow answer does not hold every
+//! connect behind it.
 
 use shared::ObjectId;
-use shared::store::{Store, User};
+use shared::store::{Store, StoreError, User};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Ids per query, at most.
-const BATCH: usize = 256;
+const BATCH: usize = 32;
+/// Queries in flight at once, at most.
+const IN_FLIGHT: usize = 8;
 /// Lookups waiting for the next query, at most; past it a connect is told the store is busy.
 const QUEUE: usize = 16_384;
 
 type Answer = Result<Option<User>, LookupFailed>;
+type Request = (ObjectId, oneshot::Sender<Answer>);
+/// One query for a batch of ids: the store's `users` (a function, so that the batching can
+/// be tested on its own).
+type Query = Arc<
+    dyn Fn(Vec<ObjectId>) -> Pin<Box<dyn Future<Output = Result<Vec<User>, StoreError>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The store did not answer (the cause is logged).
 #[derive(Debug, Clone, Copy)]
@@ -24,13 +41,20 @@ pub struct LookupFailed;
 
 /// Batches user lookups onto one task.
 pub struct UserLookup {
-    tx: mpsc::Sender<(ObjectId, oneshot::Sender<Answer>)>,
+    tx: mpsc::Sender<Request>,
 }
 
 impl UserLookup {
     pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_query(Arc::new(move |ids| {
+            let store = store.clone();
+            Box::pin(async move { store.users(&ids).await })
+        }))
+    }
+
+    fn with_query(query: Query) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(store, rx));
+        tokio::spawn(run(query, rx));
         Self { tx }
     }
 
@@ -42,8 +66,15 @@ impl UserLookup {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(ObjectId, oneshot::Sender<Answer>)>) {
-    while let Some(first) = rx.recv().await {
+async fn run(query: Query, mut rx: mpsc::Receiver<Request>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        // A slot first, then the lookups: those that arrive while every slot is busy wait in
+        // the queue and leave together in the next batch.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else { return };
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
@@ -56,22 +87,106 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<(ObjectId, oneshot::S
         if batch.is_empty() {
             continue;
         }
-        let mut ids: Vec<ObjectId> = batch.iter().map(|(id, _)| *id).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        metrics::histogram!("chat_gateway_user_lookup_batch_size").record(ids.len() as f64);
-        match store.users(&ids).await {
-            Ok(users) => {
-                for (id, answer) in batch {
-                    let _ = answer.send(Ok(users.iter().find(|u| u.id == id).cloned()));
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, users = ids.len(), "looking up connecting users failed");
-                for (_, answer) in batch {
-                    let _ = answer.send(Err(LookupFailed));
-                }
+        let query = query.clone();
+        tokio::spawn(async move {
+            lookup(query, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn lookup(query: Query, batch: Vec<Request>) {
+    let mut ids: Vec<ObjectId> = batch.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    metrics::histogram!("chat_gateway_user_lookup_batch_size").record(ids.len() as f64);
+    let count = ids.len();
+    match query(ids).await {
+        Ok(users) => {
+            for (id, answer) in batch {
+                let _ = answer.send(Ok(users.iter().find(|u| u.id == id).cloned()));
             }
         }
+        Err(error) => {
+            tracing::warn!(%error, users = count, "looking up connecting users failed");
+            for (_, answer) in batch {
+                let _ = answer.send(Err(LookupFailed));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Notify;
+
+    /// A storm of lookups: queries of at most `BATCH` ids, `IN_FLIGHT` of them at once, and
+    /// every caller gets its own record.
+    #[tokio::test]
+    async fn a_storm_is_answered_by_small_batches_several_at_once() {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let started = Arc::new(Notify::new());
+        let gate = Arc::new(Semaphore::new(0));
+        let largest = Arc::new(AtomicUsize::new(0));
+        let query: Query = {
+            let (in_flight, started, gate, largest) = (
+                in_flight.clone(),
+                started.clone(),
+                gate.clone(),
+                largest.clone(),
+            );
+            Arc::new(move |ids: Vec<ObjectId>| {
+                let (in_flight, started, gate, largest) = (
+                    in_flight.clone(),
+                    started.clone(),
+                    gate.clone(),
+                    largest.clone(),
+                );
+                Box::pin(async move {
+                    largest.fetch_max(ids.len(), Ordering::SeqCst);
+                    in_flight.fetch_add(1, Ordering::SeqCst);
+                    started.notify_one();
+                    gate.acquire().await.expect("open").forget();
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    Ok(ids
+                        .into_iter()
+                        .map(|id| User {
+                            id,
+                            email: format!("{id}@example.com"),
+                            display_name: id.to_hex(),
+                        })
+                        .collect())
+                })
+            })
+        };
+        let lookup = Arc::new(UserLookup::with_query(query));
+        let ids: Vec<ObjectId> = (0..1000).map(|_| ObjectId::new()).collect();
+        let callers: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let lookup = lookup.clone();
+                tokio::spawn(async move { (id, lookup.get(id).await) })
+            })
+            .collect();
+        let all_slots_busy = async {
+            while in_flight.load(Ordering::SeqCst) < IN_FLIGHT {
+                started.notified().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), all_slots_busy)
+            .await
+            .expect("IN_FLIGHT queries at once");
+        // Every slot is taken: no ninth query starts before one of them ends.
+        tokio::task::yield_now().await;
+        assert_eq!(in_flight.load(Ordering::SeqCst), IN_FLIGHT);
+        gate.add_permits(Semaphore::MAX_PERMITS);
+        for caller in callers {
+            let (id, answer) = caller.await.expect("caller");
+            let user = answer.expect("answered").expect("found");
+            assert_eq!(user.id, id);
+        }
+        assert!(largest.load(Ordering::SeqCst) <= BATCH);
     }
 }
