@@ -108,9 +108,11 @@ if p:
     rows.append(["persist: store alone, messages/s (batches of 500)", f"{p['store_alone_messages_per_second']:,.0f}", *["n/a"] * len(PEERS), *[""] * len(PEERS)])
     rows.append(["persist: through gateway, stream and persister, messages/s", f"{p['pipeline_messages_per_second']:,.0f}", *["n/a"] * len(PEERS), f"{p['ratio'] * 100:.0f}% of the store", *[""] * (len(PEERS) - 1)])
 
-g = load("gateway", "latency-message")
-if g and g.get("server_breakdown"):
-    rows.append(["latency-message: gateway-side means (ms)", ", ".join(f"{k} {v:.2f}" for k, v in sorted(g["server_breakdown"].items())), *[""] * (2 * len(PEERS))])
+# The servers' own histograms: means, and p99 as the bound of the first bucket holding 99%.
+for scenario in ("latency-message", "fanout-message"):
+    g = load("gateway", scenario)
+    if g and g.get("server_breakdown"):
+        rows.append([f"{scenario}: server-side means and p99 bounds (ms)", ", ".join(f"{k} {v:.2f}" for k, v in sorted(g["server_breakdown"].items())), *[""] * (2 * len(PEERS))])
 
 print((out / "machine.txt").read_text().strip() if (out / "machine.txt").exists() else "")
 print()

@@ -24,7 +24,7 @@ use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Commands queued per room. A full queue drops the delivery and marks the feed for a check,
@@ -59,8 +59,9 @@ pub struct Replayed {
 pub type JoinAnswer = Box<dyn FnOnce(Result<Replayed, ChatError>) + Send>;
 
 enum Command {
-    /// Live messages, and the room's count of removals when they were published.
-    Deliver(Vec<ChatMessage>, Option<u64>),
+    /// Live messages, the room's count of removals when they were published, and when they
+    /// arrived from Redis.
+    Deliver(Vec<ChatMessage>, Option<u64>, Instant),
     /// Events may have been lost: compare with the store.
     Check,
     Join {
@@ -108,7 +109,7 @@ impl FeedHandle {
 
     /// Queues live messages of the room (one published batch).
     pub fn deliver(&self, messages: Vec<ChatMessage>, members_version: Option<u64>) {
-        let command = Command::Deliver(messages, members_version);
+        let command = Command::Deliver(messages, members_version, Instant::now());
         if self.tx.try_send(command).is_err() {
             metrics::counter!("chat_gateway_feed_overflows_total").increment(1);
             tracing::warn!("room feed queue full: dropped a batch, repairing it from the store");
@@ -160,7 +161,7 @@ impl Feed {
         // Ends when the registry drops the handle (the last local member left).
         while let Some(command) = rx.recv().await {
             match command {
-                Command::Deliver(messages, members_version) => {
+                Command::Deliver(messages, members_version, arrived) => {
                     if let Some(version) = members_version
                         && version > self.members_version
                     {
@@ -169,7 +170,11 @@ impl Feed {
                         self.members_version = version;
                         self.evict_removed().await;
                     }
-                    self.deliver(messages).await
+                    self.deliver(messages).await;
+                    // The gateway's part of a message after its publication: waiting in the
+                    // feed's queue, any repair before it, and the emits to the local sockets.
+                    metrics::histogram!("chat_gateway_fanout_seconds")
+                        .record(arrived.elapsed().as_secs_f64());
                 }
                 Command::Check => {}
                 Command::Join {

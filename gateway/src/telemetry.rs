@@ -59,6 +59,11 @@ pub fn describe() {
         "Time to append a message to the ingest stream."
     );
     describe_histogram!(
+        "chat_gateway_fanout_seconds",
+        Unit::Seconds,
+        "Time from a published batch of messages arriving from Redis to its last emit to the room's local sockets."
+    );
+    describe_histogram!(
         "chat_gateway_backplane_publish_seconds",
         Unit::Seconds,
         "Time to publish a typing event to its room."

@@ -14,7 +14,8 @@ pub struct Observe {
     pub pids: Vec<u32>,
 }
 
-/// Sums of every metric sample by name (labels summed), over all the admin URLs.
+/// Sums of every metric sample by name (labels summed), over all the admin URLs; a
+/// histogram's buckets keep their bound (`name_bucket{le="0.005"}`).
 pub async fn scrape(urls: &[String]) -> BTreeMap<String, f64> {
     let mut sums = BTreeMap::new();
     for url in urls {
@@ -29,42 +30,124 @@ pub async fn scrape(urls: &[String]) -> BTreeMap<String, f64> {
                 continue;
             };
             let name = series.split('{').next().unwrap_or(series);
+            let key = match bucket_bound(series) {
+                Some(le) if name.ends_with("_bucket") => format!("{name}{{le=\"{le}\"}}"),
+                _ => name.to_owned(),
+            };
             if let Ok(v) = value.parse::<f64>() {
-                *sums.entry(name.to_owned()).or_insert(0.0) += v;
+                *sums.entry(key).or_insert(0.0) += v;
             }
         }
     }
     sums
 }
 
-/// Counter increases between two scrapes (the `_total` counters, and the `_sum` and
-/// `_count` of histograms).
+/// The `le` label of a histogram bucket series.
+fn bucket_bound(series: &str) -> Option<&str> {
+    let labels = series.split_once('{')?.1.strip_suffix('}')?;
+    labels
+        .split(',')
+        .find_map(|label| label.strip_prefix("le=\""))
+        .and_then(|le| le.strip_suffix('"'))
+}
+
+/// Counter increases between two scrapes (the `_total` counters, and the `_sum`, `_count`
+/// and buckets of histograms).
 pub fn diff(
     before: &BTreeMap<String, f64>,
     after: &BTreeMap<String, f64>,
 ) -> BTreeMap<String, f64> {
     after
         .iter()
-        .filter(|(k, _)| k.ends_with("_total") || k.ends_with("_sum") || k.ends_with("_count"))
+        .filter(|(k, _)| {
+            k.ends_with("_total")
+                || k.ends_with("_sum")
+                || k.ends_with("_count")
+                || k.contains("_bucket{")
+        })
         .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
         .filter(|(_, d)| *d != 0.0)
         .collect()
 }
 
-/// Where the time went on the servers during a run: the mean of every `*_seconds`
-/// histogram (in milliseconds) and of the persister's batch size, from counter diffs.
+/// Where the time went on the servers during a run: the mean and the p99 of every
+/// `*_seconds` histogram (in milliseconds) and of the persister's batch size, from counter
+/// diffs. The p99 is an upper bound: the bound of the first bucket that holds 99% of the
+/// observations (`_p99_le_ms`), as exact as the buckets are fine.
 pub fn breakdown(diff: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
-    diff.iter()
-        .filter_map(|(k, sum)| {
-            let base = k.strip_suffix("_sum")?;
-            let count = diff.get(&format!("{base}_count")).copied()?;
-            (count > 0.0).then_some((base, sum / count))
+    let mut out = BTreeMap::new();
+    for (k, sum) in diff {
+        let Some(base) = k.strip_suffix("_sum") else {
+            continue;
+        };
+        let Some(count) = diff.get(&format!("{base}_count")).copied() else {
+            continue;
+        };
+        if count <= 0.0 {
+            continue;
+        }
+        let (name, scale, unit) = match base.strip_suffix("_seconds") {
+            Some(name) => (name, 1000.0, "_ms"),
+            None => (base, 1.0, ""),
+        };
+        out.insert(format!("{name}_mean{unit}"), sum / count * scale);
+        if let Some(le) = quantile_bound(diff, base, count, 0.99) {
+            out.insert(format!("{name}_p99_le{unit}"), le * scale);
+        }
+    }
+    out
+}
+
+/// The smallest bucket bound under which at least `q` of the `count` observations fall.
+fn quantile_bound(diff: &BTreeMap<String, f64>, base: &str, count: f64, q: f64) -> Option<f64> {
+    let prefix = format!("{base}_bucket{{");
+    let mut buckets: Vec<(f64, f64)> = diff
+        .range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .filter_map(|(k, n)| {
+            let le = bucket_bound(k)?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, *n))
         })
-        .map(|(base, mean)| match base.strip_suffix("_seconds") {
-            Some(name) => (format!("{name}_mean_ms"), mean * 1000.0),
-            None => (format!("{base}_mean"), mean),
-        })
-        .collect()
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+        .into_iter()
+        .find(|(_, n)| *n >= q * count)
+        .map(|(le, _)| le)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p99_is_the_first_bucket_holding_99_percent() {
+        let mut diff = BTreeMap::new();
+        diff.insert("x_seconds_sum".to_owned(), 1.0);
+        diff.insert("x_seconds_count".to_owned(), 1000.0);
+        for (le, n) in [
+            ("0.001", 900.0),
+            ("0.0025", 985.0),
+            ("0.005", 995.0),
+            ("+Inf", 1000.0),
+        ] {
+            diff.insert(format!("x_seconds_bucket{{le=\"{le}\"}}"), n);
+        }
+        let out = breakdown(&diff);
+        assert_eq!(out["x_mean_ms"], 1.0);
+        assert_eq!(out["x_p99_le_ms"], 5.0);
+    }
+
+    #[test]
+    fn a_bucket_series_keeps_its_bound() {
+        assert_eq!(bucket_bound(r#"x_bucket{pod="a",le="0.5"}"#), Some("0.5"));
+        assert_eq!(bucket_bound("x_sum"), None);
+    }
 }
 
 /// CPU seconds (user + system) and resident memory of a process, from /proc.
