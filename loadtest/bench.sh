@@ -14,6 +14,10 @@
 #
 # ONLY=persist runs just the persist scenario (this project only). ONLY="fanout-typing …"
 # (scenario names, as in the result files) runs just those, for every side.
+# STORE_CPU (default: SERVER_CPU) moves SecantusDB to another core, to see the gateway's own
+# part of a `message` without the test store taking the servers' core. The `message` latency
+# also runs against one gateway in the embedded mode (SQLite, nothing else), scenario
+# latency-message-embedded.
 # Scale with env vars: FANOUT_SECONDS (10), MESSAGE_RATE (1000 messages/s in the `message`
 # fan-out), LATENCY_RATE (1000), LATENCY_SECONDS (10),
 # CONNECT_CLIENTS (10000), PERSIST_MESSAGES (20000), IDLE_CLIENTS (15000; one process may hold at most `ulimit -n`
@@ -26,6 +30,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
 SERVER_CPU=${SERVER_CPU:-0}
+STORE_CPU=${STORE_CPU:-$SERVER_CPU}
 LOAD_CPU=${LOAD_CPU:-1}
 FANOUT_SECONDS=${FANOUT_SECONDS:-10}
 LATENCY_RATE=${LATENCY_RATE:-1000}
@@ -103,8 +108,9 @@ start_redis() {
 start_ours() {
   start_redis
   mongo_port=$(free_port)
-  server .venv/bin/secantusd-py --host 127.0.0.1 --port "$mongo_port" --storage-path :memory: \
-    --log-level WARNING
+  taskset -c "$STORE_CPU" .venv/bin/secantusd-py --host 127.0.0.1 --port "$mongo_port" \
+    --storage-path :memory: --log-level WARNING &
+  pids+=($!)
   mongo_pid=${pids[-1]}
   export JWT_SECRET=$SECRET REDIS_URL="redis://127.0.0.1:$redis_port" \
     MONGODB_URI="mongodb://127.0.0.1:$mongo_port" MONGODB_DB=bench LOG_FORMAT=text RUST_LOG=warn
@@ -240,6 +246,25 @@ if ! done_already persist; then
     --json "$out/$side-persist.json" persist --messages "$PERSIST_MESSAGES" >/dev/null
 fi
 stop_all
+
+# The embedded mode: one gateway process with its SQLite store and in-process backplane, the
+# clients registered through REST (no shared secret or database to prepare them with).
+if ! done_already latency-message-embedded; then
+  echo "==> $side: latency-message-embedded"
+  data=$(mktemp -d)
+  port=$(free_port) admin=$(free_port)
+  PORT=$port METRICS_PORT=$admin EVENTS_PER_SECOND=1000000 EVENT_BURST=1000000 \
+    REGISTER_MAX_PER_IP=1000000 TOKIO_WORKER_THREADS=1 HOST=127.0.0.1 DATA_DIR=$data LOG_FORMAT=text RUST_LOG=warn \
+    server target/release/gateway --embedded
+  embedded_pid=${pids[-1]}
+  wait_http "http://127.0.0.1:$admin/readyz"
+  load --url "http://127.0.0.1:$port" --metrics "http://127.0.0.1:$admin" --pid "$embedded_pid" \
+    --json "$out/$side-latency-message-embedded.json" latency --rooms 50 --rate "$LATENCY_RATE" \
+    --duration "$LATENCY_SECONDS" --event message \
+    --plot "$out/$side-latency-message-embedded.svg" >/dev/null
+  stop_all
+  rm -rf "$data"
+fi
 if [ "${ONLY:-}" = persist ]; then
   echo "results in $out"
   exit 0

@@ -65,7 +65,7 @@ for name in ("fanout-typing", "fanout-message"):
     row(f"{name}: lost", pick("lost"), "lower")
     row(f"{name}: duplicates", pick("duplicates"), "lower")
 
-for name in ("latency-typing", "latency-message"):
+for name in ("latency-typing", "latency-message", "latency-message-embedded"):
     results = {s: r for s, r in sides(name).items() if r}
     if "gateway" not in results:
         continue
@@ -109,7 +109,7 @@ if p:
     rows.append(["persist: through gateway, stream and persister, messages/s", f"{p['pipeline_messages_per_second']:,.0f}", *["n/a"] * len(PEERS), f"{p['ratio'] * 100:.0f}% of the store", *[""] * (len(PEERS) - 1)])
 
 # The servers' own histograms: means, and p99 as the bound of the first bucket holding 99%.
-for scenario in ("latency-message", "fanout-message"):
+for scenario in ("latency-message", "fanout-message", "latency-message-embedded"):
     g = load("gateway", scenario)
     if g and g.get("server_breakdown"):
         rows.append([f"{scenario}: server-side means and p99 bounds (ms)", ", ".join(f"{k} {v:.2f}" for k, v in sorted(g["server_breakdown"].items())), *[""] * (2 * len(PEERS))])
