@@ -1,7 +1,8 @@
 //! The per-delivery path of a gateway on a real in-process socketioxide server: one room
 //! event encoded once, then a packet for each of N local sockets pushed into the socket's
 //! buffer and taken out by its transport side. A regression in the encoding, the room
-//! lookup or the per-socket emit shows here.
+//! lookup or the per-socket emit shows here. socketioxide's broadcast of the same message
+//! runs alongside, as the floor of the per-socket cost.
 //!
 //! `cargo bench -p gateway --bench fanout`
 
@@ -84,6 +85,25 @@ fn fanout(c: &mut Criterion) {
                 b.iter(|| {
                     rt.block_on(async {
                         emit_typing(&io, &typing);
+                        drain(&mut receivers).await;
+                    })
+                })
+            },
+        );
+        // The library's own broadcast: one packet encoded for the room and shared by every
+        // socket. The gateway cannot use it (its error does not say whose buffer was full,
+        // which the slow-consumer policy needs); it is here as the floor of the encoding.
+        g.bench_with_input(
+            BenchmarkId::new("message, socketioxide broadcast", members),
+            &members,
+            |b, _| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        let ns = io.of(NAMESPACE).expect("namespace");
+                        ns.to(room_key(&room))
+                            .emit("message", &message)
+                            .await
+                            .expect("broadcast");
                         drain(&mut receivers).await;
                     })
                 })
