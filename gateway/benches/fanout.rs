@@ -2,7 +2,7 @@
 //! event encoded once, then a packet for each of N local sockets pushed into the socket's
 //! buffer and taken out by its transport side. A regression in the encoding, the room
 //! lookup or the per-socket emit shows here. socketioxide's broadcast of the same message
-//! runs alongside, as the floor of the per-socket cost.
+//! runs alongside, as the reference.
 //!
 //! `cargo bench -p gateway --bench fanout`
 
@@ -92,7 +92,8 @@ fn fanout(c: &mut Criterion) {
         );
         // The library's own broadcast: one packet encoded for the room and shared by every
         // socket. The gateway cannot use it (its error does not say whose buffer was full,
-        // which the slow-consumer policy needs); it is here as the floor of the encoding.
+        // which the slow-consumer policy needs) and encodes once per room itself
+        // (vendor/socketioxide/PATCH.md); the broadcast is the reference it should match.
         g.bench_with_input(
             BenchmarkId::new("message, socketioxide broadcast", members),
             &members,

@@ -310,9 +310,10 @@ pub fn emit_typing(io: &SocketIo, typing: &UserTyping) {
     emit_serialised(io, &room, Some(except), "user_typing", typing);
 }
 
-/// Emits one event to every local socket of a room (but those of `except`), serialised once
-/// for the whole room, not once per socket: each socket then only copies these bytes into
-/// its packet.
+/// Emits one event to every local socket of a room (but those of `except`), encoded once
+/// for the whole room: every socket's buffer gets a reference to the same packet, and each
+/// send still says whether that socket's buffer was full (the slow-consumer policy needs to
+/// know whose; socketioxide's broadcast does not say, vendor/socketioxide/PATCH.md).
 fn emit_serialised<T: Serialize>(
     io: &SocketIo,
     room: &str,
@@ -328,8 +329,8 @@ fn emit_serialised<T: Serialize>(
     if sockets.is_empty() {
         return;
     }
-    let payload = match serde_json::value::to_raw_value(payload) {
-        Ok(payload) => payload,
+    let packet = match sockets[0].encode_event(name, payload) {
+        Ok(packet) => packet,
         Err(error) => {
             tracing::error!(%error, "room event not serialisable");
             return;
@@ -337,11 +338,9 @@ fn emit_serialised<T: Serialize>(
     };
     let mut delivered = 0u64;
     for socket in sockets {
-        match socket.emit(name, &payload) {
+        match socket.emit_encoded(&packet) {
             Ok(()) => delivered += 1,
-            Err(socketioxide::SendError::Socket(
-                socketioxide::SocketError::InternalChannelFull,
-            )) => {
+            Err(socketioxide::SocketError::InternalChannelFull) => {
                 disconnect_slow_consumer(socket, name);
             }
             Err(error) => tracing::debug!(socket = %socket.id, %error, "emit to closed socket"),
