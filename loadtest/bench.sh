@@ -94,7 +94,8 @@ wait_http() {
   echo "no answer from $1" >&2
   return 1
 }
-server() { taskset -c "$SERVER_CPU" "$@" & pids+=($!); }
+on_cpu() { local cpu=$1; shift; taskset -c "$cpu" "$@" & pids+=($!); }
+server() { on_cpu "$SERVER_CPU" "$@"; }
 load() { taskset -c "$LOAD_CPU" target/release/loadtest "$@"; }
 
 start_redis() {
@@ -108,9 +109,8 @@ start_redis() {
 start_ours() {
   start_redis
   mongo_port=$(free_port)
-  taskset -c "$STORE_CPU" .venv/bin/secantusd-py --host 127.0.0.1 --port "$mongo_port" \
-    --storage-path :memory: --log-level WARNING &
-  pids+=($!)
+  on_cpu "$STORE_CPU" .venv/bin/secantusd-py --host 127.0.0.1 --port "$mongo_port" \
+    --storage-path :memory: --log-level WARNING
   mongo_pid=${pids[-1]}
   export JWT_SECRET=$SECRET REDIS_URL="redis://127.0.0.1:$redis_port" \
     MONGODB_URI="mongodb://127.0.0.1:$mongo_port" MONGODB_DB=bench LOG_FORMAT=text RUST_LOG=warn
@@ -254,8 +254,8 @@ if ! done_already latency-message-embedded; then
   data=$(mktemp -d)
   port=$(free_port) admin=$(free_port)
   PORT=$port METRICS_PORT=$admin EVENTS_PER_SECOND=1000000 EVENT_BURST=1000000 \
-    REGISTER_MAX_PER_IP=1000000 TOKIO_WORKER_THREADS=1 HOST=127.0.0.1 DATA_DIR=$data LOG_FORMAT=text RUST_LOG=warn \
-    server target/release/gateway --embedded
+    REGISTER_MAX_PER_IP=1000000 TOKIO_WORKER_THREADS=1 HOST=127.0.0.1 DATA_DIR=$data \
+    LOG_FORMAT=text RUST_LOG=warn server target/release/gateway --embedded
   embedded_pid=${pids[-1]}
   wait_http "http://127.0.0.1:$admin/readyz"
   load --url "http://127.0.0.1:$port" --metrics "http://127.0.0.1:$admin" --pid "$embedded_pid" \

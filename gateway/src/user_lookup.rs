@@ -126,30 +126,29 @@ mod tests {
     /// every caller gets its own record.
     #[tokio::test]
     async fn a_storm_is_answered_by_small_batches_several_at_once() {
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let started = Arc::new(Notify::new());
-        let gate = Arc::new(Semaphore::new(0));
-        let largest = Arc::new(AtomicUsize::new(0));
+        /// What the fake store saw: queries running now, the largest id list.
+        struct Probe {
+            in_flight: AtomicUsize,
+            largest: AtomicUsize,
+            started: Notify,
+            gate: Semaphore,
+        }
+        let probe = Arc::new(Probe {
+            in_flight: AtomicUsize::new(0),
+            largest: AtomicUsize::new(0),
+            started: Notify::new(),
+            gate: Semaphore::new(0),
+        });
         let query: Query = {
-            let (in_flight, started, gate, largest) = (
-                in_flight.clone(),
-                started.clone(),
-                gate.clone(),
-                largest.clone(),
-            );
+            let probe = probe.clone();
             Arc::new(move |ids: Vec<ObjectId>| {
-                let (in_flight, started, gate, largest) = (
-                    in_flight.clone(),
-                    started.clone(),
-                    gate.clone(),
-                    largest.clone(),
-                );
+                let probe = probe.clone();
                 Box::pin(async move {
-                    largest.fetch_max(ids.len(), Ordering::SeqCst);
-                    in_flight.fetch_add(1, Ordering::SeqCst);
-                    started.notify_one();
-                    gate.acquire().await.expect("open").forget();
-                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    probe.largest.fetch_max(ids.len(), Ordering::SeqCst);
+                    probe.in_flight.fetch_add(1, Ordering::SeqCst);
+                    probe.started.notify_one();
+                    probe.gate.acquire().await.expect("open").forget();
+                    probe.in_flight.fetch_sub(1, Ordering::SeqCst);
                     Ok(ids
                         .into_iter()
                         .map(|id| User {
@@ -171,8 +170,8 @@ mod tests {
             })
             .collect();
         let all_slots_busy = async {
-            while in_flight.load(Ordering::SeqCst) < IN_FLIGHT {
-                started.notified().await;
+            while probe.in_flight.load(Ordering::SeqCst) < IN_FLIGHT {
+                probe.started.notified().await;
             }
         };
         tokio::time::timeout(std::time::Duration::from_secs(10), all_slots_busy)
@@ -180,13 +179,13 @@ mod tests {
             .expect("IN_FLIGHT queries at once");
         // Every slot is taken: no ninth query starts before one of them ends.
         tokio::task::yield_now().await;
-        assert_eq!(in_flight.load(Ordering::SeqCst), IN_FLIGHT);
-        gate.add_permits(Semaphore::MAX_PERMITS);
+        assert_eq!(probe.in_flight.load(Ordering::SeqCst), IN_FLIGHT);
+        probe.gate.add_permits(Semaphore::MAX_PERMITS);
         for caller in callers {
             let (id, answer) = caller.await.expect("caller");
             let user = answer.expect("answered").expect("found");
             assert_eq!(user.id, id);
         }
-        assert!(largest.load(Ordering::SeqCst) <= BATCH);
+        assert!(probe.largest.load(Ordering::SeqCst) <= BATCH);
     }
 }
