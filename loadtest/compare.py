@@ -14,9 +14,9 @@ def load(side, name):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def server_cpu(result):
+def server_cpu(result, key="servers"):
     # The first entries are the gateway (or peer) processes; Redis is reported last.
-    servers = result.get("servers", [])
+    servers = result.get(key, [])
     if not servers:
         return 0.0, 0.0
     return sum((s.get("cpu_seconds") or 0.0) for s in servers[:-1]), (servers[-1].get("cpu_seconds") or 0.0)
@@ -57,11 +57,18 @@ for name in ("fanout-typing", "fanout-message"):
         cpu, redis_cpu = server_cpu(r)
         r["_cpu"], r["_redis_cpu"] = cpu, redis_cpu
         r["_per_cpu"] = r["deliveries"] / cpu if cpu else None
+        # From the first send to the end of the settling: the deliveries' own cost, without
+        # connecting and joining the members (the connect scenario's work).
+        phase_cpu, phase_redis_cpu = server_cpu(r, "delivery_phase_servers")
+        r["_phase_cpu"], r["_phase_redis_cpu"] = phase_cpu or None, phase_redis_cpu
+        r["_phase_per_cpu"] = r["deliveries"] / phase_cpu if phase_cpu else None
     pick = lambda key: {s: r.get(key) for s, r in results.items()}
     row(f"{name}: deliveries/s", pick("deliveries_per_second"))
-    row(f"{name}: deliveries per server CPU-second", pick("_per_cpu"))
-    row(f"{name}: server CPU seconds (2 processes)", pick("_cpu"), "lower", "{:.2f}")
-    row(f"{name}: Redis CPU seconds", pick("_redis_cpu"), "lower", "{:.2f}")
+    row(f"{name}: deliveries per server CPU-second, delivery phase", pick("_phase_per_cpu"))
+    row(f"{name}: deliveries per server CPU-second, whole run (with connecting)", pick("_per_cpu"))
+    row(f"{name}: server CPU seconds (2 processes), delivery phase", pick("_phase_cpu"), "lower", "{:.2f}")
+    row(f"{name}: server CPU seconds (2 processes), whole run", pick("_cpu"), "lower", "{:.2f}")
+    row(f"{name}: Redis CPU seconds, whole run", pick("_redis_cpu"), "lower", "{:.2f}")
     row(f"{name}: lost", pick("lost"), "lower")
     row(f"{name}: duplicates", pick("duplicates"), "lower")
 

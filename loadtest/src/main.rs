@@ -48,24 +48,7 @@ enum Scenario {
         rooms: usize,
     },
     /// Fan-out: R rooms of S members; one member of each room sends.
-    Fanout {
-        #[arg(long, default_value_t = 20)]
-        rooms: usize,
-        #[arg(long, default_value_t = 100)]
-        members: usize,
-        /// Messages per second over all rooms; 0 sends as fast as acks allow.
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        /// Unacknowledged messages per sender when sending as fast as acks allow.
-        #[arg(long, default_value_t = 32)]
-        inflight: usize,
-        /// Seconds of sending.
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
-        /// Event to send: `message` (through the persister) or `typing`.
-        #[arg(long, default_value = "message")]
-        event: String,
-    },
+    Fanout(FanoutArgs),
     /// Hold N idle authenticated connections: server memory per connection.
     Idle {
         #[arg(long, default_value_t = 10_000)]
@@ -126,6 +109,26 @@ enum Scenario {
     },
 }
 
+#[derive(clap::Args)]
+struct FanoutArgs {
+    #[arg(long, default_value_t = 20)]
+    rooms: usize,
+    #[arg(long, default_value_t = 100)]
+    members: usize,
+    /// Messages per second over all rooms; 0 sends as fast as acks allow.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Unacknowledged messages per sender when sending as fast as acks allow.
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Event to send: `message` (through the persister) or `typing`.
+    #[arg(long, default_value = "message")]
+    event: String,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -134,25 +137,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let mut result = match &cli.scenario {
         Scenario::Connect { clients, rooms } => connect(&cli.target, *clients, *rooms).await?,
-        Scenario::Fanout {
-            rooms,
-            members,
-            rate,
-            inflight,
-            duration,
-            event,
-        } => {
-            fanout(
-                &cli.target,
-                *rooms,
-                *members,
-                *rate,
-                *inflight,
-                *duration,
-                event,
-            )
-            .await?
-        }
+        Scenario::Fanout(args) => fanout(&cli.target, &cli.observe.pids, args).await?,
         Scenario::Idle {
             clients,
             concurrency,
@@ -221,13 +206,10 @@ async fn main() -> anyhow::Result<()> {
     let after = report::scrape(&cli.observe.metrics).await;
     let procs_after = report::procs(&cli.observe.pids);
     let wall = started.elapsed().as_secs_f64();
-    let servers: Vec<Value> = procs_after
-        .iter()
-        .map(|(pid, now)| {
-            let cpu = procs_before
-                .iter()
-                .find(|(p, _)| p == pid)
-                .map(|(_, b)| now.cpu_seconds - b.cpu_seconds);
+    let servers: Vec<Value> = report::cpu_between(&procs_before, &procs_after)
+        .into_iter()
+        .zip(&procs_after)
+        .map(|((pid, cpu), (_, now))| {
             json!({ "pid": pid, "cpu_seconds": cpu, "rss_bytes": now.rss_bytes })
         })
         .collect();
@@ -363,15 +345,16 @@ struct Receiver {
     last: i64,
 }
 
-async fn fanout(
-    target: &Target,
-    rooms: usize,
-    members: usize,
-    rate: u64,
-    inflight: usize,
-    duration: u64,
-    event: &str,
-) -> anyhow::Result<Value> {
+async fn fanout(target: &Target, pids: &[u32], args: &FanoutArgs) -> anyhow::Result<Value> {
+    let FanoutArgs {
+        rooms,
+        members,
+        rate,
+        inflight,
+        duration,
+        ref event,
+    } = *args;
+    let event = event.as_str();
     anyhow::ensure!(
         members >= 2,
         "a room needs a sender and at least one receiver"
@@ -445,6 +428,10 @@ async fn fanout(
         ],
     );
 
+    // The servers' CPU from here to the end of the settling: the cost of the deliveries
+    // alone. The whole run's figure (`servers`) also holds connecting and joining every
+    // member, which the connect scenario measures on its own.
+    let procs_sending = report::procs(pids);
     let deadline = Instant::now() + Duration::from_secs(duration);
     let started = Instant::now();
     let per_room_interval =
@@ -502,6 +489,10 @@ async fn fanout(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let delivery_phase: Vec<Value> = report::cpu_between(&procs_sending, &report::procs(pids))
+        .into_iter()
+        .map(|(pid, cpu)| json!({ "pid": pid, "cpu_seconds": cpu }))
+        .collect();
     ticker.abort();
     let delivered = deliveries.load(Relaxed);
     let result = json!({
@@ -512,6 +503,7 @@ async fn fanout(
         "out_of_order_or_gaps": gaps.load(Relaxed),
         "send_seconds": send_seconds, "seconds": elapsed,
         "deliveries_per_second": delivered as f64 / elapsed,
+        "delivery_phase_servers": delivery_phase,
     });
     eprintln!(
         "fanout: {delivered} deliveries in {elapsed:.2} s ({:.0}/s), expected {expected}, duplicates {}",

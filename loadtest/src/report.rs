@@ -144,6 +144,20 @@ mod tests {
     }
 
     #[test]
+    fn cpu_between_readings_is_per_process_and_in_order() {
+        let at = |cpu_seconds| ProcStat {
+            cpu_seconds,
+            rss_bytes: 0,
+        };
+        let before = [(7, at(1.0)), (9, at(2.0))];
+        let after = [(9, at(2.5)), (7, at(4.0)), (11, at(1.0))];
+        assert_eq!(
+            cpu_between(&before, &after),
+            vec![(9, Some(0.5)), (7, Some(3.0)), (11, None)]
+        );
+    }
+
+    #[test]
     fn a_bucket_series_keeps_its_bound() {
         assert_eq!(bucket_bound(r#"x_bucket{pod="a",le="0.5"}"#), Some("0.5"));
         assert_eq!(bucket_bound("x_sum"), None);
@@ -179,5 +193,20 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
 pub fn procs(pids: &[u32]) -> Vec<(u32, ProcStat)> {
     pids.iter()
         .filter_map(|p| proc_stat(*p).map(|s| (*p, s)))
+        .collect()
+}
+
+/// CPU seconds each process spent between two readings, in the order of `after`; a process
+/// missing from `before` (not running then) has no figure.
+pub fn cpu_between(
+    before: &[(u32, ProcStat)],
+    after: &[(u32, ProcStat)],
+) -> Vec<(u32, Option<f64>)> {
+    after
+        .iter()
+        .map(|(pid, now)| {
+            let then = before.iter().find(|(p, _)| p == pid);
+            (*pid, then.map(|(_, b)| now.cpu_seconds - b.cpu_seconds))
+        })
         .collect()
 }
