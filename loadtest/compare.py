@@ -59,8 +59,8 @@ for name in ("fanout-typing", "fanout-message"):
         r["_per_cpu"] = r["deliveries"] / cpu if cpu else None
         # From the first send to the end of the settling: the deliveries' own cost, without
         # connecting and joining the members (the connect scenario's work).
-        phase_cpu, phase_redis_cpu = server_cpu(r, "delivery_phase_servers")
-        r["_phase_cpu"], r["_phase_redis_cpu"] = phase_cpu or None, phase_redis_cpu
+        phase_cpu, _ = server_cpu(r, "delivery_phase_servers")
+        r["_phase_cpu"] = phase_cpu or None
         r["_phase_per_cpu"] = r["deliveries"] / phase_cpu if phase_cpu else None
     pick = lambda key: {s: r.get(key) for s, r in results.items()}
     row(f"{name}: deliveries/s", pick("deliveries_per_second"))
