@@ -7,7 +7,9 @@
 //! `cargo bench -p gateway --bench fanout`
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use gateway::fanout_bench::{NAMESPACE, emit_to_room, emit_typing, room_key, user_key};
+use gateway::fanout_bench::{
+    NAMESPACE, RoomSockets, emit_to_room, emit_typing, join, room_key, user_key,
+};
 use shared::ObjectId;
 use shared::wire::{ChatMessage, Sender, UserTyping, now_millis};
 use socketioxide::SocketIo;
@@ -24,8 +26,8 @@ async fn server(room: ObjectId, members: usize) -> (SocketIo, Vec<Receiver<engin
         .max_buffer_size(SOCKET_BUFFER)
         .build_layer();
     io.ns(NAMESPACE, move |s: SocketRef| async move {
-        s.join(room_key(&room));
-        s.join(user_key(&ObjectId::new()));
+        join(&s, room_key(&room));
+        join(&s, user_key(&ObjectId::new()));
     });
     let mut receivers = Vec::with_capacity(members);
     for _ in 0..members {
@@ -52,6 +54,8 @@ fn fanout(c: &mut Criterion) {
     for members in [1usize, 100, 1000] {
         let room = ObjectId::new();
         let (io, mut receivers) = rt.block_on(server(room, members));
+        // The room's socket list, as its feed keeps it: taken at the first event.
+        let sockets = RoomSockets::default();
         let message = ChatMessage {
             id: ObjectId::new(),
             room_id: room,
@@ -73,7 +77,7 @@ fn fanout(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("message", members), &members, |b, _| {
             b.iter(|| {
                 rt.block_on(async {
-                    emit_to_room(&io, &room_key(&room), &message);
+                    emit_to_room(&io, &sockets, &room_key(&room), &message);
                     drain(&mut receivers).await;
                 })
             })
@@ -84,7 +88,7 @@ fn fanout(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     rt.block_on(async {
-                        emit_typing(&io, &typing);
+                        emit_typing(&io, &sockets, &typing);
                         drain(&mut receivers).await;
                     })
                 })

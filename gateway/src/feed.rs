@@ -14,7 +14,7 @@
 //! `afterSeq`) runs between two live messages and the socket sees one ordered stream.
 
 use crate::error::ChatError;
-use crate::rooms::{NAMESPACE, RoomRegistry, emit_to_room, room_key};
+use crate::rooms::{self, NAMESPACE, RoomRegistry, RoomSockets, emit_to_room, room_key};
 use crate::socket::session::Session;
 use serde_json::json;
 use shared::ObjectId;
@@ -76,6 +76,8 @@ enum Command {
 pub struct FeedHandle {
     tx: mpsc::Sender<Command>,
     check: Arc<AtomicBool>,
+    /// The room's local sockets, shared with the room's `user_typing` notices.
+    pub sockets: Arc<RoomSockets>,
 }
 
 impl FeedHandle {
@@ -91,6 +93,7 @@ impl FeedHandle {
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let check = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(RoomSockets::default());
         let feed = Feed {
             room,
             key: room_key(&room),
@@ -101,10 +104,11 @@ impl FeedHandle {
             registry,
             limits,
             check: check.clone(),
+            sockets: sockets.clone(),
             myself: tx.downgrade(),
         };
         tokio::spawn(feed.run(rx));
-        Self { tx, check }
+        Self { tx, check, sockets }
     }
 
     /// Queues live messages of the room (one published batch).
@@ -152,6 +156,7 @@ struct Feed {
     registry: Weak<RoomRegistry>,
     limits: FeedLimits,
     check: Arc<AtomicBool>,
+    sockets: Arc<RoomSockets>,
     /// To ask itself for a check later without keeping itself alive.
     myself: mpsc::WeakSender<Command>,
 }
@@ -301,7 +306,7 @@ impl Feed {
         if let Some(ns) = self.io.of(NAMESPACE) {
             let payload = json!({ "roomId": self.room.to_hex(), "afterSeq": after_seq });
             for socket in ns.to(self.key.clone()).sockets() {
-                socket.leave(self.key.clone());
+                rooms::leave(&socket, self.key.clone());
                 if let Some(session) = socket.extensions.get::<Arc<Session>>()
                     && session.record_leave(&self.room)
                     && let Some(registry) = self.registry.upgrade()
@@ -349,7 +354,7 @@ impl Feed {
             }
             metrics::counter!("chat_gateway_messages_replayed_total").increment(replayed);
         }
-        socket.join(self.key.clone());
+        rooms::join(socket, self.key.clone());
         Ok(Replayed {
             replayed,
             has_more: self.last > until,
@@ -379,7 +384,7 @@ impl Feed {
                 continue;
             }
             session.forget(&self.room);
-            socket.leave(self.key.clone());
+            rooms::leave(&socket, self.key.clone());
             tracing::info!(room_id = %self.room, user_id = %session.user.id, "socket of a removed participant left the room");
             if session.record_leave(&self.room)
                 && let Some(registry) = self.registry.upgrade()
@@ -396,6 +401,6 @@ impl Feed {
         if self.myself.upgrade().is_none() {
             return;
         }
-        emit_to_room(&self.io, &self.key, message);
+        emit_to_room(&self.io, &self.sockets, &self.key, message);
     }
 }

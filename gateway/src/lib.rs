@@ -29,5 +29,7 @@ pub use settings::{Mode, Settings};
 /// `cargo bench`); not an API.
 #[doc(hidden)]
 pub mod fanout_bench {
-    pub use crate::rooms::{NAMESPACE, emit_to_room, emit_typing, room_key, user_key};
+    pub use crate::rooms::{
+        NAMESPACE, RoomSockets, emit_to_room, emit_typing, join, room_key, user_key,
+    };
 }

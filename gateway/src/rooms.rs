@@ -16,6 +16,7 @@ use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use socketioxide::socket::DisconnectReason;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock, Weak};
 use tokio::sync::Mutex;
 
@@ -30,6 +31,74 @@ pub fn room_key(room: &ObjectId) -> String {
 /// The local Socket.IO room holding every socket of one user.
 pub fn user_key(user: &ObjectId) -> String {
     format!("user:{}", user.to_hex())
+}
+
+/// Counts the changes to the local rooms' membership (a socket joining or leaving a room, a
+/// disconnect). A room's socket list taken before the latest change is listed again
+/// ([`RoomSockets`]).
+static MEMBERSHIP: AtomicU64 = AtomicU64::new(0);
+
+/// Adds a socket to a local Socket.IO room. Joins and leaves all go through here,
+/// [`leave`] and [`leave_all`], so that no room's socket list outlives a change.
+pub fn join(socket: &SocketRef, key: String) {
+    socket.join(key);
+    membership_changed();
+}
+
+/// Takes a socket out of a local Socket.IO room.
+pub fn leave(socket: &SocketRef, key: String) {
+    socket.leave(key);
+    membership_changed();
+}
+
+/// Takes a socket out of every local Socket.IO room.
+pub fn leave_all(socket: &SocketRef) {
+    socket.leave_all();
+    membership_changed();
+}
+
+/// Marks every room's socket list as out of date (also after a disconnect: socketioxide
+/// takes the socket out of its rooms itself).
+pub fn membership_changed() {
+    MEMBERSHIP.fetch_add(1, Ordering::AcqRel);
+}
+
+/// The local sockets of one room, listed once and reused while no socket joins or leaves a
+/// room here. socketioxide lists a room by looking every member up in the namespace (a lock
+/// and a hash per socket), which it would do again for every event of the room: 3 to 6% of
+/// a gateway's CPU under fan-out (docs/BENCHMARKS.md).
+#[derive(Default)]
+pub struct RoomSockets {
+    listed: StdMutex<Option<(u64, Arc<[SocketRef]>)>>,
+}
+
+impl RoomSockets {
+    /// The room's connected local sockets.
+    pub fn get(&self, io: &SocketIo, key: &str) -> Arc<[SocketRef]> {
+        // Read before listing: a change that lands while the list is taken makes the next
+        // call list again.
+        let now = MEMBERSHIP.load(Ordering::Acquire);
+        let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((taken, sockets)) = listed.as_ref()
+            && *taken == now
+        {
+            return sockets.clone();
+        }
+        let mut sockets = match io.of(NAMESPACE) {
+            Some(ns) => ns.to(key.to_owned()).sockets(),
+            None => Vec::new(),
+        };
+        // A closing socket is still in its rooms until its disconnect handler has run.
+        sockets.retain(|s| s.connected());
+        let sockets: Arc<[SocketRef]> = sockets.into();
+        *listed = Some((now, sockets.clone()));
+        sockets
+    }
+
+    /// Lets go of the list (and of the sockets in it) until the next event of the room.
+    pub fn clear(&self) {
+        *self.listed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// A room's local members, counted.
@@ -161,6 +230,11 @@ impl RoomRegistry {
 
     /// Counts one local member less, unsubscribing after the last.
     pub async fn release(&self, room: ObjectId) {
+        // The member that left may still be in the room's socket list until the room's
+        // next event: not kept until then.
+        if let Some(feed) = self.feed(&room) {
+            feed.sockets.clear();
+        }
         let Some(slot) = self
             .members
             .lock()
@@ -270,7 +344,7 @@ impl Fanout {
             };
             session.forget(&removed.room_id);
             if session.record_leave(&removed.room_id) {
-                socket.leave(room_key(&removed.room_id));
+                leave(&socket, room_key(&removed.room_id));
                 if let Some(rooms) = self.rooms.get() {
                     let (rooms, room) = (rooms.clone(), removed.room_id);
                     tokio::spawn(async move { rooms.release(room).await });
@@ -284,7 +358,13 @@ impl Fanout {
         let Some(io) = self.io.get() else { return };
         let (messages, members_version) = match event {
             RoomEvent::MemberRemoved(removed) => return self.remove_member(io, &removed),
-            RoomEvent::Typing(typing) => return emit_typing(io, &typing),
+            RoomEvent::Typing(typing) => {
+                // No feed: no local member any more (the unsubscription is under way).
+                if let Some(feed) = self.rooms.get().and_then(|r| r.feed(&typing.room_id)) {
+                    emit_typing(io, &feed.sockets, &typing);
+                }
+                return;
+            }
             RoomEvent::Message(message) => (vec![message], None),
             RoomEvent::Messages(batch) => (batch.messages, batch.members_version),
         };
@@ -299,37 +379,36 @@ impl Fanout {
 }
 
 /// Emits `message` to every local socket of a room.
-pub fn emit_to_room(io: &SocketIo, room: &str, message: &ChatMessage) {
-    emit_serialised(io, room, None, "message", message);
+pub fn emit_to_room(io: &SocketIo, sockets: &RoomSockets, room: &str, message: &ChatMessage) {
+    emit_serialised(sockets.get(io, room).iter(), "message", message);
 }
 
 /// Emits `user_typing` to every local socket of the room but the typing user's own.
-pub fn emit_typing(io: &SocketIo, typing: &UserTyping) {
-    let room = room_key(&typing.room_id);
-    let except = user_key(&typing.user_id);
-    emit_serialised(io, &room, Some(except), "user_typing", typing);
+pub fn emit_typing(io: &SocketIo, sockets: &RoomSockets, typing: &UserTyping) {
+    let Some(ns) = io.of(NAMESPACE) else { return };
+    let typist: Vec<_> = ns
+        .to(user_key(&typing.user_id))
+        .sockets()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    let room = sockets.get(io, &room_key(&typing.room_id));
+    let others = room.iter().filter(|s| !typist.contains(&s.id));
+    emit_serialised(others, "user_typing", typing);
 }
 
-/// Emits one event to every local socket of a room (but those of `except`), encoded once
-/// for the whole room: every socket's buffer gets a reference to the same packet, and each
-/// send still says whether that socket's buffer was full (the slow-consumer policy needs to
-/// know whose; socketioxide's broadcast does not say, vendor/socketioxide/PATCH.md).
-fn emit_serialised<T: Serialize>(
-    io: &SocketIo,
-    room: &str,
-    except: Option<String>,
+/// Emits one event to the given sockets, encoded once for all of them: every socket's
+/// buffer gets a reference to the same packet, and each send still says whether that
+/// socket's buffer was full (the slow-consumer policy needs to know whose; socketioxide's
+/// broadcast does not say, vendor/socketioxide/PATCH.md).
+fn emit_serialised<'a, T: Serialize>(
+    sockets: impl Iterator<Item = &'a SocketRef>,
     name: &'static str,
     payload: &T,
 ) {
-    let Some(ns) = io.of(NAMESPACE) else { return };
-    let sockets: Vec<SocketRef> = match except {
-        None => ns.to(room.to_owned()).sockets(),
-        Some(except) => ns.to(room.to_owned()).except(except).sockets(),
-    };
-    if sockets.is_empty() {
-        return;
-    }
-    let packet = match sockets[0].encode_event(name, payload) {
+    let mut sockets = sockets.peekable();
+    let Some(first) = sockets.peek() else { return };
+    let packet = match first.encode_event(name, payload) {
         Ok(packet) => packet,
         Err(error) => {
             tracing::error!(%error, "room event not serialisable");
@@ -341,7 +420,7 @@ fn emit_serialised<T: Serialize>(
         match socket.emit_encoded(&packet) {
             Ok(()) => delivered += 1,
             Err(socketioxide::SocketError::InternalChannelFull) => {
-                disconnect_slow_consumer(socket, name);
+                disconnect_slow_consumer(socket.clone(), name);
             }
             Err(error) => tracing::debug!(socket = %socket.id, %error, "emit to closed socket"),
         }
@@ -356,7 +435,7 @@ fn emit_serialised<T: Serialize>(
 fn disconnect_slow_consumer(socket: SocketRef, event: &str) {
     metrics::counter!("chat_gateway_slow_consumer_disconnects_total").increment(1);
     tracing::warn!(socket = %socket.id, event, "slow consumer: buffer full, disconnecting");
-    socket.leave_all();
+    leave_all(&socket);
     let Some(session) = socket.extensions.get::<Arc<Session>>() else {
         return;
     };
@@ -385,5 +464,74 @@ pub fn reason_label(reason: &DisconnectReason) -> &'static str {
         DisconnectReason::ClientNSDisconnect => "client_disconnect",
         DisconnectReason::ServerNSDisconnect => "server_disconnect",
         DisconnectReason::ClosingServer => "server_closing",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `/chat` namespace whose disconnects are handled as the gateway's are.
+    fn server() -> SocketIo {
+        let (_layer, io) = SocketIo::builder().build_layer();
+        io.ns(NAMESPACE, async |s: SocketRef| {
+            s.on_disconnect(async || membership_changed());
+        });
+        io
+    }
+
+    fn ids<'a>(sockets: impl IntoIterator<Item = &'a SocketRef>) -> Vec<socketioxide::socket::Sid> {
+        let mut ids: Vec<_> = sockets.into_iter().map(|s| s.id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn a_rooms_socket_list_follows_joins_leaves_and_disconnects() {
+        let io = server();
+        let mut receivers = Vec::new();
+        for _ in 0..3 {
+            let (tx, mut rx) = io.new_dummy_sock(NAMESPACE, ()).await;
+            rx.recv().await.expect("connected");
+            receivers.push((tx, rx));
+        }
+        let all = io.of(NAMESPACE).expect("namespace").sockets();
+        let (a, b, c) = (&all[0], &all[1], &all[2]);
+        let key = "room".to_string();
+        let list = RoomSockets::default();
+        assert!(list.get(&io, &key).is_empty());
+
+        join(a, key.clone());
+        join(b, key.clone());
+        let first = list.get(&io, &key);
+        assert_eq!(ids(first.iter()), ids([a, b]));
+        // Nothing changed: the same list, not listed again.
+        assert!(Arc::ptr_eq(&first, &list.get(&io, &key)));
+
+        join(c, key.clone());
+        assert_eq!(ids(list.get(&io, &key).iter()), ids(&all));
+        leave(a, key.clone());
+        assert_eq!(ids(list.get(&io, &key).iter()), ids([b, c]));
+        leave_all(b);
+        assert_eq!(ids(list.get(&io, &key).iter()), ids([c]));
+
+        // A disconnect (socketioxide takes the socket out of its rooms itself).
+        list.get(&io, &key);
+        c.clone().disconnect().expect("disconnect");
+        // The disconnect handler runs on a task of its own (on this thread: when this yields).
+        for _ in 0..100 {
+            if list.get(&io, &key).is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(list.get(&io, &key).is_empty());
+
+        // Cleared: the sockets are let go.
+        join(a, key.clone());
+        list.get(&io, &key);
+        list.clear();
+        assert!(list.listed.lock().unwrap().is_none());
+        assert_eq!(ids(list.get(&io, &key).iter()), ids([a]));
     }
 }

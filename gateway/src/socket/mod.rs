@@ -14,7 +14,7 @@ use crate::drain::Drain;
 use crate::error::ChatError;
 use crate::feed::JoinAnswer;
 use crate::limits::Limits;
-use crate::rooms::{RoomRegistry, reason_label, room_key, user_key};
+use crate::rooms::{self, RoomRegistry, reason_label, room_key, user_key};
 use serde::Serialize;
 use serde_json::{Value, json};
 use session::{Joins, Session, Turn, Typing};
@@ -155,7 +155,7 @@ async fn authenticate(
     });
     match result {
         Ok(user) => {
-            s.join(user_key(&user.id));
+            rooms::join(&s, user_key(&user.id));
             tracing::debug!(socket = %s.id, user_id = %user.id, "connected");
             let session = Arc::new(Session::new(
                 user,
@@ -217,6 +217,7 @@ async fn current_user(
 async fn on_connect() {}
 
 async fn on_disconnect(s: SocketRef, reason: DisconnectReason, State(state): State<SocketState>) {
+    rooms::membership_changed();
     metrics::gauge!("chat_gateway_connections").decrement(1);
     metrics::counter!("chat_gateway_disconnects_total", "reason" => reason_label(&reason))
         .increment(1);
@@ -310,7 +311,7 @@ async fn on_join_room(
     };
     let room = input.room_id;
     let Some(after_seq) = input.after_seq else {
-        s.join(room_key(&room));
+        rooms::join(&s, room_key(&room));
         tracing::debug!(socket = %s.id, user_id = %session.user.id, room_id = %room, "joined");
         let body = json!({ "ok": true, "roomId": room.to_hex() });
         return respond(&s, turn.wants_ack, ack, "join_room", Ok(body));
@@ -347,7 +348,7 @@ async fn on_leave_room(
         turn.wait().await?;
         let room = payload::room_id(payload::read(data))?;
         if turn.session.record_leave(&room) {
-            s.leave(room_key(&room));
+            rooms::leave(&s, room_key(&room));
             state.rooms.release(room).await;
         }
         Ok(json!({ "ok": true }))
