@@ -55,7 +55,7 @@ fn fanout(c: &mut Criterion) {
         let room = ObjectId::new();
         let (io, mut receivers) = rt.block_on(server(room, members));
         // The room's socket list, as its feed keeps it: taken at the first event.
-        let sockets = RoomSockets::default();
+        let sockets = RoomSockets::new(room_key(&room));
         let message = ChatMessage {
             id: ObjectId::new(),
             room_id: room,
@@ -77,7 +77,7 @@ fn fanout(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("message", members), &members, |b, _| {
             b.iter(|| {
                 rt.block_on(async {
-                    emit_to_room(&io, &sockets, &room_key(&room), &message);
+                    emit_to_room(&io, &sockets, &message);
                     drain(&mut receivers).await;
                 })
             })

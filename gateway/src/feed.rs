@@ -93,7 +93,7 @@ impl FeedHandle {
     ) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let check = Arc::new(AtomicBool::new(false));
-        let sockets = Arc::new(RoomSockets::default());
+        let sockets = Arc::new(RoomSockets::new(room_key(&room)));
         let feed = Feed {
             room,
             key: room_key(&room),
@@ -401,6 +401,6 @@ impl Feed {
         if self.myself.upgrade().is_none() {
             return;
         }
-        emit_to_room(&self.io, &self.sockets, &self.key, message);
+        emit_to_room(&self.io, &self.sockets, message);
     }
 }

@@ -67,14 +67,22 @@ pub fn membership_changed() {
 /// room here. socketioxide lists a room by looking every member up in the namespace (a lock
 /// and a hash per socket), which it would do again for every event of the room: 3 to 6% of
 /// a gateway's CPU under fan-out (docs/BENCHMARKS.md).
-#[derive(Default)]
 pub struct RoomSockets {
+    /// The room's local Socket.IO room ([`room_key`]).
+    key: String,
     listed: StdMutex<Option<(u64, Arc<[SocketRef]>)>>,
 }
 
 impl RoomSockets {
+    pub fn new(key: String) -> Self {
+        Self {
+            key,
+            listed: StdMutex::new(None),
+        }
+    }
+
     /// The room's connected local sockets.
-    pub fn get(&self, io: &SocketIo, key: &str) -> Arc<[SocketRef]> {
+    pub fn get(&self, io: &SocketIo) -> Arc<[SocketRef]> {
         // Read before listing: a change that lands while the list is taken makes the next
         // call list again.
         let now = MEMBERSHIP.load(Ordering::Acquire);
@@ -85,7 +93,7 @@ impl RoomSockets {
             return sockets.clone();
         }
         let mut sockets = match io.of(NAMESPACE) {
-            Some(ns) => ns.to(key.to_owned()).sockets(),
+            Some(ns) => ns.to(self.key.clone()).sockets(),
             None => Vec::new(),
         };
         // A closing socket is still in its rooms until its disconnect handler has run.
@@ -379,8 +387,8 @@ impl Fanout {
 }
 
 /// Emits `message` to every local socket of a room.
-pub fn emit_to_room(io: &SocketIo, sockets: &RoomSockets, room: &str, message: &ChatMessage) {
-    emit_serialised(sockets.get(io, room).iter(), "message", message);
+pub fn emit_to_room(io: &SocketIo, sockets: &RoomSockets, message: &ChatMessage) {
+    emit_serialised(sockets.get(io).iter(), "message", message);
 }
 
 /// Emits `user_typing` to every local socket of the room but the typing user's own.
@@ -392,7 +400,7 @@ pub fn emit_typing(io: &SocketIo, sockets: &RoomSockets, typing: &UserTyping) {
         .iter()
         .map(|s| s.id)
         .collect();
-    let room = sockets.get(io, &room_key(&typing.room_id));
+    let room = sockets.get(io);
     let others = room.iter().filter(|s| !typist.contains(&s.id));
     emit_serialised(others, "user_typing", typing);
 }
@@ -498,40 +506,40 @@ mod tests {
         let all = io.of(NAMESPACE).expect("namespace").sockets();
         let (a, b, c) = (&all[0], &all[1], &all[2]);
         let key = "room".to_string();
-        let list = RoomSockets::default();
-        assert!(list.get(&io, &key).is_empty());
+        let list = RoomSockets::new(key.clone());
+        assert!(list.get(&io).is_empty());
 
         join(a, key.clone());
         join(b, key.clone());
-        let first = list.get(&io, &key);
+        let first = list.get(&io);
         assert_eq!(ids(first.iter()), ids([a, b]));
         // Nothing changed: the same list, not listed again.
-        assert!(Arc::ptr_eq(&first, &list.get(&io, &key)));
+        assert!(Arc::ptr_eq(&first, &list.get(&io)));
 
         join(c, key.clone());
-        assert_eq!(ids(list.get(&io, &key).iter()), ids(&all));
+        assert_eq!(ids(list.get(&io).iter()), ids(&all));
         leave(a, key.clone());
-        assert_eq!(ids(list.get(&io, &key).iter()), ids([b, c]));
+        assert_eq!(ids(list.get(&io).iter()), ids([b, c]));
         leave_all(b);
-        assert_eq!(ids(list.get(&io, &key).iter()), ids([c]));
+        assert_eq!(ids(list.get(&io).iter()), ids([c]));
 
         // A disconnect (socketioxide takes the socket out of its rooms itself).
-        list.get(&io, &key);
+        list.get(&io);
         c.clone().disconnect().expect("disconnect");
         // The disconnect handler runs on a task of its own (on this thread: when this yields).
         for _ in 0..100 {
-            if list.get(&io, &key).is_empty() {
+            if list.get(&io).is_empty() {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        assert!(list.get(&io, &key).is_empty());
+        assert!(list.get(&io).is_empty());
 
         // Cleared: the sockets are let go.
         join(a, key.clone());
-        list.get(&io, &key);
+        list.get(&io);
         list.clear();
         assert!(list.listed.lock().unwrap().is_none());
-        assert_eq!(ids(list.get(&io, &key).iter()), ids([a]));
+        assert_eq!(ids(list.get(&io).iter()), ids([a]));
     }
 }
