@@ -250,7 +250,7 @@ impl Application {
             // Each connection holds one read buffer; chat frames are small (a larger frame
             // is read in several chunks). Saves about 3 KB per idle connection.
             .ws_read_buffer_size(WS_READ_BUFFER)
-            .with_state(SocketState {
+            .with_state(Arc::new(SocketState {
                 drain: drain_state.clone(),
                 chat: chat.clone(),
                 rooms: rooms.clone(),
@@ -259,7 +259,7 @@ impl Application {
                 users: Arc::new(crate::user_lookup::UserLookup::new(store.clone())),
                 connections: Arc::new(Connections::new(settings.max_connections_per_user)),
                 expiries: socket::Expiries::start(),
-            })
+            }))
             .build_layer();
         socket::register(&io);
         rooms.attach(io.clone());

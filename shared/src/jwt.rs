@@ -10,6 +10,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, erro
 use mongodb::bson::oid::ObjectId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 /// The claims of an access token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,8 +70,14 @@ pub struct AuthUser {
 pub const IAT_SKEW_SECS: i64 = 30;
 
 /// Signs and verifies access tokens with one shared secret.
+///
+/// Cheap to clone (one reference count): the socket events' and the HTTP handlers' states
+/// hold it and are cloned for every event and request, and the keys and their `Validation`
+/// own several heap allocations each.
 #[derive(Clone)]
-pub struct JwtKeys {
+pub struct JwtKeys(Arc<Keys>);
+
+struct Keys {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -83,7 +90,7 @@ impl fmt::Debug for JwtKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JwtKeys")
             .field("secret", &"<redacted>")
-            .field("ttl_secs", &self.ttl_secs)
+            .field("ttl_secs", &self.0.ttl_secs)
             .finish()
     }
 }
@@ -118,14 +125,14 @@ impl JwtKeys {
             None => validation.validate_aud = false,
         }
         validation.set_required_spec_claims(&required);
-        Self {
+        Self(Arc::new(Keys {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
             ttl_secs,
             issuer,
             audience,
-        }
+        }))
     }
 
     /// Issues a token for a user, valid for the configured lifetime.
@@ -141,17 +148,17 @@ impl JwtKeys {
             email: Some(email.to_owned()),
             display_name: Some(display_name.to_owned()),
             iat,
-            exp: iat + self.ttl_secs,
+            exp: iat + self.0.ttl_secs,
             nbf: None,
-            iss: self.issuer.clone(),
-            aud: self.audience.clone(),
+            iss: self.0.issuer.clone(),
+            aud: self.0.audience.clone(),
         };
         self.sign(&claims)
     }
 
     /// Signs arbitrary claims (tests and tools use this to mint edge cases).
     pub fn sign(&self, claims: &Claims) -> Result<String, jsonwebtoken::errors::Error> {
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.0.encoding)
     }
 
     /// Verifies a token and returns its user.
@@ -160,7 +167,7 @@ impl JwtKeys {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+        let data = jsonwebtoken::decode::<Claims>(token, &self.0.decoding, &self.0.validation)
             .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,

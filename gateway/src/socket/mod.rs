@@ -32,8 +32,8 @@ use std::time::Duration;
 pub use detach::detach_request;
 pub use expiry::Expiries;
 
-/// Shared by every socket handler (socketioxide state).
-#[derive(Clone)]
+/// Shared by every socket handler (socketioxide state, held in an `Arc`: the `State`
+/// extractor clones it for every event).
 pub struct SocketState {
     pub drain: Arc<Drain>,
     pub chat: Chat,
@@ -140,7 +140,7 @@ fn handshake_token(s: &SocketRef, auth: &Option<Value>) -> Result<String, TokenE
 async fn authenticate(
     s: SocketRef,
     TryData(auth): TryData<Value>,
-    State(state): State<SocketState>,
+    State(state): State<Arc<SocketState>>,
 ) -> Result<(), Refusal> {
     let result = match handshake_token(&s, &auth.ok()).and_then(|t| state.chat.jwt.verify(&t)) {
         Ok(user) => current_user(&state, user).await,
@@ -216,7 +216,11 @@ async fn current_user(
 /// Everything is set up by [`authenticate`]; see there why.
 async fn on_connect() {}
 
-async fn on_disconnect(s: SocketRef, reason: DisconnectReason, State(state): State<SocketState>) {
+async fn on_disconnect(
+    s: SocketRef,
+    reason: DisconnectReason,
+    State(state): State<Arc<SocketState>>,
+) {
     rooms::membership_changed();
     metrics::gauge!("chat_gateway_connections").decrement(1);
     metrics::counter!("chat_gateway_disconnects_total", "reason" => reason_label(&reason))
@@ -280,7 +284,7 @@ async fn on_join_room(
     s: SocketRef,
     mut turn: Turn<Joins>,
     ack: AckSender,
-    State(state): State<SocketState>,
+    State(state): State<Arc<SocketState>>,
     TryData(data): TryData<Value>,
 ) {
     let session = turn.session.clone();
@@ -341,7 +345,7 @@ async fn on_leave_room(
     s: SocketRef,
     mut turn: Turn<Joins>,
     ack: AckSender,
-    State(state): State<SocketState>,
+    State(state): State<Arc<SocketState>>,
     TryData(data): TryData<Value>,
 ) {
     let result = async {
@@ -361,7 +365,7 @@ async fn on_send_message(
     s: SocketRef,
     mut turn: Turn,
     ack: AckSender,
-    State(state): State<SocketState>,
+    State(state): State<Arc<SocketState>>,
     TryData(data): TryData<Value>,
 ) {
     let result = async {
@@ -382,7 +386,7 @@ async fn on_typing(
     s: SocketRef,
     mut turn: Turn<Typing>,
     ack: AckSender,
-    State(state): State<SocketState>,
+    State(state): State<Arc<SocketState>>,
     TryData(data): TryData<Value>,
 ) {
     let result = async {
