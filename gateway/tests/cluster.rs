@@ -268,6 +268,7 @@ async fn a_master_killed_mid_flow_loses_no_acknowledged_message() {
 struct TwoMembers {
     app: TestApp,
     _persister: common::procs::Proc,
+    persister_admin: u16,
     room: String,
     channel: String,
     a: SioClient,
@@ -278,7 +279,7 @@ async fn two_members(cluster: bool) -> Option<TwoMembers> {
     let mut app = app_on(0, cluster).await?;
     app.gateway_process(&[]).await;
     app.gateway_process(&[]).await;
-    let (persister, _) = app.persister_process("p1", &[]).await;
+    let (persister, persister_admin) = app.persister_process("p1", &[]).await;
     let (ann, _) = app.user("ann").await;
     let (bob, bob_id) = app.user("bob").await;
     let room = app.room(&ann, &[&bob_id]).await;
@@ -289,6 +290,7 @@ async fn two_members(cluster: bool) -> Option<TwoMembers> {
     Some(TwoMembers {
         app,
         _persister: persister,
+        persister_admin,
         room,
         channel,
         a,
@@ -305,6 +307,7 @@ async fn a_dropped_pubsub_connection_is_resubscribed(cluster: bool) {
         b,
         // Bound, not `..`: an unbound field would be dropped here, and the process with it.
         _persister,
+        ..
     }) = two_members(cluster).await
     else {
         return;
@@ -364,6 +367,7 @@ async fn a_room_channel_whose_slot_moves_to_another_shard_is_subscribed_there() 
         b,
         // Bound, not `..`: an unbound field would be dropped here, and the process with it.
         _persister,
+        persister_admin,
     }) = two_members(true).await
     else {
         return;
@@ -427,10 +431,75 @@ async fn a_room_channel_whose_slot_moves_to_another_shard_is_subscribed_there() 
     // The persister follows the partition to its new shard too; if its lease renewal fell
     // into the migration it takes the lease again first (LEASE_MS 1 s here), so this may
     // take longer than one event's usual wait on a loaded machine.
-    eventually(
-        "the message reaches the member on the other gateway",
-        Duration::from_secs(30),
-        || async { b.pending("message").iter().any(|m| m["id"] == ack["id"]) },
-    )
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.pending("message").iter().any(|m| m["id"] == ack["id"]) {
+        if Instant::now() > deadline {
+            let state = where_it_stands(&app, persister_admin, &room).await;
+            panic!(
+                "the message did not reach the member on the other gateway within 30 s\n{state}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// What a failed delivery test needs to say where the message stopped: the room's ingest
+/// partition in Redis (its stream, consumer group and lease) and the services' counters of
+/// retries, losses and resubscriptions.
+async fn where_it_stands(app: &TestApp, persister_admin: u16, room: &str) -> String {
+    let keys = Keys::new(&app.prefix, 16);
+    let partition = keys.partition_of(&room.parse().unwrap());
+    let (stream, lease) = (keys.ingest_stream(partition), keys.ingest_lease(partition));
+    let port = app.redis_port();
+    let mut out = format!("partition {partition}:\n");
+    for args in [
+        vec!["XLEN", stream.as_str()],
+        vec!["XINFO", "GROUPS", stream.as_str()],
+        vec!["GET", lease.as_str()],
+        vec!["PTTL", lease.as_str()],
+    ] {
+        let reply = redis_cli(port, &args).await;
+        out.push_str(&format!(
+            "  {}: {}\n",
+            args.join(" "),
+            reply.trim().replace('\n', " ")
+        ));
+    }
+    let counters = |admin: u16| async move {
+        let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let wanted = [
+            "errors",
+            "losses",
+            "takeovers",
+            "restarts",
+            "resubscribes",
+            "gaps",
+            "resyncs",
+            "lagged",
+            "messages_total",
+            "deliveries",
+        ];
+        Some(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && wanted.iter().any(|w| l.contains(w)))
+                .collect::<Vec<_>>()
+                .join("\n    "),
+        )
+    };
+    out.push_str(&format!(
+        "  persister:\n    {}\n",
+        counters(persister_admin).await.unwrap_or_default()
+    ));
+    for (i, gw) in app.gateways.iter().enumerate() {
+        out.push_str(&format!(
+            "  gateway {i}:\n    {}\n",
+            counters(gw.admin_port).await.unwrap_or_default()
+        ));
+    }
+    out
 }
