@@ -458,7 +458,21 @@ async fn where_it_stands(app: &TestApp, persister_admin: u16, room: &str) -> Str
         vec!["GET", lease.as_str()],
         vec!["PTTL", lease.as_str()],
     ] {
-        let reply = redis_cli(port, &args).await;
+        // Not `redis_cli`, which panics when the command fails: this runs on a failure
+        // already, and an unreachable node is worth reporting rather than hiding the rest.
+        let reply = match tokio::process::Command::new("redis-cli")
+            .args(["-c", "-p", &port.to_string()])
+            .args(&args)
+            .output()
+            .await
+        {
+            Ok(out) => format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(error) => format!("redis-cli did not run: {error}"),
+        };
         out.push_str(&format!(
             "  {}: {}\n",
             args.join(" "),
