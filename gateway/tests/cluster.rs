@@ -6,9 +6,11 @@
 
 mod common;
 
-use common::servers::redis_cli;
+use common::servers::{redis_cli, try_redis_cli};
 use common::sio::{SioClient, TIMEOUT};
-use common::{TestApp, eventually, history, metric, partition_shares, receive_until, wait_ready};
+use common::{
+    TestApp, eventually, history, metric, metrics_text, partition_shares, receive_until, wait_ready,
+};
 use serde_json::{Value, json};
 use shared::backplane::Keys;
 use std::time::{Duration, Instant};
@@ -458,21 +460,9 @@ async fn where_it_stands(app: &TestApp, persister_admin: u16, room: &str) -> Str
         vec!["GET", lease.as_str()],
         vec!["PTTL", lease.as_str()],
     ] {
-        // Not `redis_cli`, which panics when the command fails: this runs on a failure
-        // already, and an unreachable node is worth reporting rather than hiding the rest.
-        let reply = match tokio::process::Command::new("redis-cli")
-            .args(["-c", "-p", &port.to_string()])
-            .args(&args)
-            .output()
+        let reply = try_redis_cli(port, &args)
             .await
-        {
-            Ok(out) => format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(error) => format!("redis-cli did not run: {error}"),
-        };
+            .unwrap_or_else(|error| error);
         out.push_str(&format!(
             "  {}: {}\n",
             args.join(" "),
@@ -480,12 +470,7 @@ async fn where_it_stands(app: &TestApp, persister_admin: u16, room: &str) -> Str
         ));
     }
     let counters = |admin: u16| async move {
-        let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = metrics_text(admin).await?;
         let wanted = [
             "errors",
             "losses",

@@ -474,14 +474,19 @@ pub async fn wait_ready(admin_port: u16) {
     }
 }
 
-/// The value of an unlabelled metric on an admin port, if present.
-pub async fn metric(admin_port: u16, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+/// The Prometheus text of an admin port, if it answers.
+pub async fn metrics_text(admin_port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{admin_port}/metrics"))
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// The value of an unlabelled metric on an admin port, if present.
+pub async fn metric(admin_port: u16, name: &str) -> Option<f64> {
+    let text = metrics_text(admin_port).await?;
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())

@@ -193,14 +193,24 @@ impl Drop for Mongo {
 
 /// Runs `redis-cli -c` (following cluster redirections) against a port; returns stdout.
 pub async fn redis_cli(port: u16, args: &[&str]) -> String {
+    try_redis_cli(port, args)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// [`redis_cli`] without panicking: stdout, or what went wrong (for failure reports, where
+/// an unreachable node is worth saying rather than hiding the rest).
+pub async fn try_redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
     let out = tokio::process::Command::new("redis-cli")
         .args(["-c", "-p", &port.to_string()])
         .args(args)
         .output()
         .await
-        .expect("redis-cli runs");
-    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
-    String::from_utf8(out.stdout).unwrap()
+        .map_err(|e| format!("redis-cli did not run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("redis-cli {args:?}: {out:?}"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// `PUBSUB SHARDNUMSUB channel`: the subscribers connected to the node on `port`.
