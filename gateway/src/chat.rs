@@ -44,7 +44,8 @@ impl Chat {
 
     /// Accepts a message: assigns its id and time and appends it to the ingest stream.
     /// A retry with the same `client_msg_id` returns the first message's id and time and
-    /// appends nothing. The caller has checked that `user` is a participant of `room`.
+    /// appends nothing; the same `client_msg_id` with other content is refused (`Conflict`).
+    /// The caller has checked that `user` is a participant of `room`.
     pub async fn post_message(
         &self,
         user: &AuthUser,
@@ -81,9 +82,18 @@ impl Chat {
         match appended {
             Appended::New { seq } => message.seq = Some(seq),
             Appended::Duplicate {
+                same_content: false,
+                ..
+            } => {
+                return Err(ChatError::Conflict(
+                    "clientMsgId was already used for a message with other content".into(),
+                ));
+            }
+            Appended::Duplicate {
                 id,
                 created_at,
                 seq,
+                ..
             } => {
                 metrics::counter!("chat_gateway_duplicate_sends_total").increment(1);
                 message.id = id;

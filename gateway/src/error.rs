@@ -136,6 +136,7 @@ impl From<StoreError> for ChatError {
         match e {
             StoreError::Conflict => ChatError::Conflict("already exists".into()),
             StoreError::Unavailable(cause) => ChatError::Unavailable(format!("store: {cause}")),
+            taken @ StoreError::SeqTaken { .. } => ChatError::Internal(taken.to_string()),
         }
     }
 }

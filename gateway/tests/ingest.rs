@@ -169,21 +169,16 @@ async fn leases_are_fenced_and_every_read_position_change_loses_and_repeats_noth
         .map(|e| e.message.as_ref().unwrap().seq)
         .collect();
     assert_eq!(seqs, [Some(1), Some(2)], "entries carry their room numbers");
-    assert!(matches!(
-        &position,
-        ReadPosition::New { last_read: Some(_) }
-    ));
-    // A read whose reply was lost: the holder re-reads what came after the last entry it
-    // received, from the pending list, then goes on with new entries.
+    assert_eq!(position.last(), batch[1].id);
+    // A read whose reply was lost (the client library sends the script again after a
+    // reconnect): the second run hands out again what the first handed out, then new ones.
+    let before = position.clone();
     let lost = first
         .read(&lease, &mut position, 1, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(ids(&lost), ["m2"]);
-    let mut position = ReadPosition::New {
-        last_read: Some(batch[1].id.clone()),
-    };
-    position.after_failure();
+    let mut position = before;
     let again = first
         .read(&lease, &mut position, 10, Duration::ZERO)
         .await
@@ -321,4 +316,170 @@ async fn redis_settings_that_break_durability_are_named() {
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert!(warnings[0].contains("maxmemory-policy is allkeys-lru"));
     assert!(warnings[1].contains("appendonly is no"));
+}
+
+/// The Redis client sends a command again when its connection dropped with the reply in
+/// flight, so every script may run twice. The second run of an append must not take a
+/// second number: one message, one number, one entry.
+#[tokio::test]
+async fn an_append_run_twice_takes_one_number_and_leaves_one_entry() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "twice");
+    let backplane = RedisBackplane::connect(&settings, &IngestSettings::default())
+        .await
+        .unwrap();
+    let room = ObjectId::new();
+    backplane.seed_seq(room, 0).await.unwrap();
+    let stream = backplane
+        .keys()
+        .ingest_stream(backplane.keys().partition_of(&room));
+    let plain = message(room, "without clientMsgId");
+    for _ in 0..2 {
+        assert_eq!(
+            backplane.append(&plain, None).await.unwrap(),
+            Appended::New { seq: 1 }
+        );
+    }
+    let keyed = message(room, "with clientMsgId");
+    for _ in 0..2 {
+        assert_eq!(
+            backplane.append(&keyed, Some("u:r:k")).await.unwrap(),
+            Appended::New { seq: 2 }
+        );
+    }
+    assert_eq!(redis.cli(&["XLEN", &stream]).await.trim(), "2");
+    // A client's retry (a new message, the same clientMsgId) gets the first one back; with
+    // other content it is told apart.
+    let retry = ChatMessage {
+        id: ObjectId::new(),
+        ..keyed.clone()
+    };
+    assert!(matches!(
+        backplane.append(&retry, Some("u:r:k")).await.unwrap(),
+        Appended::Duplicate { id, seq: 2, same_content: true, .. } if id == keyed.id
+    ));
+    let other = message(room, "other content");
+    assert!(matches!(
+        backplane.append(&other, Some("u:r:k")).await.unwrap(),
+        Appended::Duplicate {
+            seq: 2,
+            same_content: false,
+            ..
+        }
+    ));
+    assert_eq!(redis.cli(&["XLEN", &stream]).await.trim(), "2");
+    let next = message(room, "next");
+    assert_eq!(
+        backplane.append(&next, None).await.unwrap(),
+        Appended::New { seq: 3 },
+        "no number was left without a message"
+    );
+}
+
+/// A lease acquisition run twice answers the same lease, not "held by another".
+#[tokio::test]
+async fn an_acquisition_run_twice_answers_the_same_lease() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "acquire");
+    let ingest = IngestSettings::default();
+    let holder = RedisIngest::connect(&settings, &ingest, "p").await.unwrap();
+    let other = RedisIngest::connect(&settings, &ingest, "p").await.unwrap();
+    let ttl = Duration::from_secs(30);
+    let lease = holder.acquire(3, ttl).await.unwrap().unwrap();
+    assert_eq!(holder.acquire(3, ttl).await.unwrap(), Some(lease.clone()));
+    assert_eq!(other.acquire(3, ttl).await.unwrap(), None);
+}
+
+/// Redis's counter behind the store (a failover to a replica that missed the last writes):
+/// the room's entries from the first taken number on are appended again after the store's
+/// latest, in order, once, whatever else the stream holds.
+#[tokio::test]
+async fn renumbering_moves_a_rooms_entries_after_the_stores_latest_once() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "renumber");
+    let ingest = IngestSettings::default();
+    let backplane = RedisBackplane::connect(&settings, &ingest).await.unwrap();
+    let persister = RedisIngest::connect(&settings, &ingest, "p").await.unwrap();
+    let keys = backplane.keys().clone();
+    let room = ObjectId::new();
+    let partition = keys.partition_of(&room);
+    let neighbour = (0..)
+        .map(|_| ObjectId::new())
+        .find(|r| keys.partition_of(r) == partition && *r != room)
+        .unwrap();
+    // The counter restarts at 1 while the store holds 1 to 3.
+    backplane.seed_seq(room, 1).await.unwrap();
+    backplane.seed_seq(neighbour, 0).await.unwrap();
+    let mut sent = Vec::new();
+    for (i, r) in [room, neighbour, room, room].into_iter().enumerate() {
+        let m = message(r, &format!("m{i}"));
+        backplane.append(&m, None).await.unwrap();
+        sent.push(m);
+    }
+    let lease = persister
+        .acquire(partition, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut position = ReadPosition::start();
+    let read = persister
+        .read(&lease, &mut position, 10, Duration::ZERO)
+        .await
+        .unwrap();
+    let numbers = |entries: &[shared::backplane::IngestEntry]| -> Vec<(String, u64)> {
+        entries
+            .iter()
+            .map(|e| {
+                let m = e.message.as_ref().unwrap();
+                (m.content.clone(), m.seq.unwrap())
+            })
+            .collect()
+    };
+    assert_eq!(
+        numbers(&read),
+        [("m0", 2), ("m1", 1), ("m2", 3), ("m3", 4)].map(|(c, s)| (c.to_owned(), s))
+    );
+    let first = read[0].id.clone();
+    let done = persister.renumber(&lease, room, &first, 3).await.unwrap();
+    assert_eq!(done.moved, 3);
+    assert_eq!(done.upto, read[3].id);
+    // Run again (a lost reply): the record answers, nothing moves twice.
+    assert_eq!(
+        persister.renumber(&lease, room, &first, 3).await.unwrap(),
+        done
+    );
+    let stream = keys.ingest_stream(partition);
+    assert_eq!(redis.cli(&["XLEN", &stream]).await.trim(), "4");
+    let mut position = ReadPosition::start();
+    let mut rest = persister
+        .read(&lease, &mut position, 10, Duration::ZERO)
+        .await
+        .unwrap();
+    rest.extend(
+        persister
+            .read(&lease, &mut position, 10, Duration::ZERO)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        numbers(&rest),
+        [("m1", 1), ("m0", 4), ("m2", 5), ("m3", 6)].map(|(c, s)| (c.to_owned(), s)),
+        "the neighbour keeps its number; the room's follow the store's latest, in order"
+    );
+    // A second run of an append of a moved message answers its new number.
+    assert_eq!(
+        backplane.append(&sent[0], None).await.unwrap(),
+        Appended::New { seq: 4 }
+    );
+    let next = message(room, "next");
+    assert_eq!(
+        backplane.append(&next, None).await.unwrap(),
+        Appended::New { seq: 7 }
+    );
+    // Only the lease holder renumbers.
+    persister.release(&lease).await.unwrap();
+    assert!(matches!(
+        persister.renumber(&lease, room, &first, 3).await,
+        Err(BackplaneError::Fenced(_))
+    ));
 }

@@ -22,6 +22,7 @@
 pub mod app;
 pub mod balance;
 pub mod metrics;
+mod numbering;
 pub mod settings;
 mod worker;
 

@@ -1,11 +1,11 @@
-//! One partition's worker: reads a batch, stores it, then publishes and acknowledges it in
-//! one fenced step; reads the next batch while the current one is stored.
+//! One partition's worker: reads a batch, checks its numbers ([`crate::numbering`]),
+//! stores it, then publishes and acknowledges it in one fenced step; reads the next batch
+//! while the current one is stored.
 
 use crate::balance::Tuning;
-use shared::backplane::{
-    BackplaneError, Ingest, IngestEntry, Lease, ReadPosition, group_by_room, stream_seq,
-};
-use shared::store::{SequencedMessage, Store};
+use crate::numbering::{Numbered, Numbering};
+use shared::backplane::{BackplaneError, Ingest, IngestEntry, Lease, ReadPosition, group_by_room};
+use shared::store::{SequencedMessage, Store, StoreError};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,6 +41,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) async fn work(ctx: Arc<Shared>, lease: Lease, stop: CancellationToken) {
     let partition = lease.partition;
     let mut position = ReadPosition::start();
+    let mut numbering = Numbering::default();
     let mut current = match ctx.read(&lease, &mut position, &stop).await {
         Step::Done(entries) => entries,
         Step::Fenced => return fenced(partition),
@@ -64,7 +65,8 @@ pub(crate) async fn work(ctx: Arc<Shared>, lease: Lease, stop: CancellationToken
             }
             ctx.read(&lease, &mut position, &stop).await
         };
-        let (finished, next) = tokio::join!(ctx.finish(&lease, &stop, current), next);
+        let finished = ctx.finish(&lease, &stop, &mut numbering, current);
+        let (finished, next) = tokio::join!(finished, next);
         match finished {
             Step::Done(()) => {}
             Step::Fenced => return fenced(partition),
@@ -88,8 +90,8 @@ fn fenced(partition: u16) {
 }
 
 impl Shared {
-    /// Reads the next batch, retrying failures (with the position moved back to re-read
-    /// what a lost reply may have handed over).
+    /// Reads the next batch, retrying failures (the next read hands out again whatever a
+    /// failed one handed out).
     async fn read(
         &self,
         lease: &Lease,
@@ -109,7 +111,6 @@ impl Shared {
                 Ok(entries) => return Step::Done(entries),
                 Err(BackplaneError::Fenced(_)) => return Step::Fenced,
                 Err(error) => {
-                    position.after_failure();
                     if !failures.wait("read", lease.partition, &error, stop).await {
                         return Step::Stopped;
                     }
@@ -123,23 +124,24 @@ impl Shared {
         &self,
         lease: &Lease,
         stop: &CancellationToken,
+        numbering: &mut Numbering,
         entries: Vec<IngestEntry>,
     ) -> Step<()> {
         let started = Instant::now();
         let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-        let mut messages: Vec<SequencedMessage> = Vec::with_capacity(entries.len());
+        let mut batch: Vec<Numbered> = Vec::with_capacity(entries.len());
         for entry in entries {
             let decoded = entry.message.and_then(|m| {
-                // Entries of gateways older than room sequence numbers sort by their place
-                // in the stream.
-                let seq = match m.seq {
-                    Some(seq) => i64::try_from(seq).map_err(|_| "sequence number too large")?,
-                    None => stream_seq(&entry.id).ok_or("malformed entry id")?,
-                };
+                let seq = m.seq.ok_or("entry has no sequence number")?;
+                let seq = i64::try_from(seq).map_err(|_| "sequence number too large")?;
                 Ok(SequencedMessage { seq, message: m })
             });
             match decoded {
-                Ok(m) => messages.push(m),
+                Ok(m) if numbering.is_moved(&m.message.room_id, &entry.id) => {}
+                Ok(message) => batch.push(Numbered {
+                    entry: entry.id,
+                    message,
+                }),
                 Err(error) => {
                     // Retrying cannot fix an undecodable entry; it is logged and acknowledged.
                     metrics::counter!("chat_persister_invalid_entries_total").increment(1);
@@ -147,24 +149,55 @@ impl Shared {
                 }
             }
         }
-        metrics::histogram!("chat_persister_batch_size").record(messages.len() as f64);
+        metrics::histogram!("chat_persister_batch_size").record(batch.len() as f64);
 
         let insert_started = Instant::now();
-        match self
-            .retry("insert", lease.partition, stop, || {
-                self.store.insert_messages(&messages)
-            })
-            .await
-        {
-            Step::Done(()) => {}
-            Step::Fenced => return Step::Fenced,
-            Step::Stopped => return Step::Stopped,
-        }
+        let publish = loop {
+            let plan = match self
+                .retry("check", lease.partition, stop, || {
+                    numbering.plan(self.store.as_ref(), &batch)
+                })
+                .await
+            {
+                Step::Done(plan) => plan,
+                Step::Fenced => return Step::Fenced,
+                Step::Stopped => return Step::Stopped,
+            };
+            for (room, first) in &plan.taken {
+                match self.renumber(lease, stop, *room, first).await {
+                    Step::Done((upto, latest)) => {
+                        numbering.renumbered(*room, first, &upto, latest);
+                        batch.retain(|n| !numbering.is_moved(&n.message.message.room_id, &n.entry));
+                    }
+                    Step::Fenced => return Step::Fenced,
+                    Step::Stopped => return Step::Stopped,
+                }
+            }
+            let inserted = self
+                .retry("insert", lease.partition, stop, || async {
+                    match self.store.insert_messages(&plan.store).await {
+                        Err(StoreError::SeqTaken { room, seq, .. }) => Ok(Err((room, seq))),
+                        Err(e) => Err(e),
+                        Ok(()) => Ok(Ok(())),
+                    }
+                })
+                .await;
+            match inserted {
+                Step::Done(Ok(())) => break plan.publish,
+                // Someone stored under a number this worker took for free (a paused earlier
+                // holder): plan again from what the store holds now.
+                Step::Done(Err((room, seq))) => {
+                    tracing::warn!(partition = lease.partition, room_id = %room, seq, "a number was taken while the batch was stored: checking it again");
+                    numbering.forget();
+                }
+                Step::Fenced => return Step::Fenced,
+                Step::Stopped => return Step::Stopped,
+            }
+        };
         metrics::histogram!("chat_persister_insert_seconds")
             .record(insert_started.elapsed().as_secs_f64());
 
-        let stored: Vec<_> = messages.into_iter().map(|m| m.message).collect();
-        let events = group_by_room(&stored);
+        let events = group_by_room(&publish);
         let completed = self
             .retry("complete", lease.partition, stop, || async {
                 match self.ingest.complete(lease, &events, &ids).await {
@@ -179,14 +212,56 @@ impl Shared {
             Step::Done(Err(())) | Step::Fenced => return Step::Fenced,
             Step::Stopped => return Step::Stopped,
         }
-        metrics::counter!("chat_persister_messages_total").increment(stored.len() as u64);
+        numbering.stored(&publish);
+        metrics::counter!("chat_persister_messages_total").increment(publish.len() as u64);
         metrics::histogram!("chat_persister_batch_seconds").record(started.elapsed().as_secs_f64());
         tracing::debug!(
             partition = lease.partition,
-            count = stored.len(),
+            count = publish.len(),
             "batch persisted"
         );
         Step::Done(())
+    }
+
+    /// Numbers a room's entries again from `first` on (their numbers are taken in the
+    /// store); returns the last entry looked at and the store's latest number.
+    async fn renumber(
+        &self,
+        lease: &Lease,
+        stop: &CancellationToken,
+        room: shared::ObjectId,
+        first: &str,
+    ) -> Step<(String, u64)> {
+        let done = self
+            .retry("renumber", lease.partition, stop, || async {
+                let latest = self
+                    .store
+                    .latest_seq(room)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match self.ingest.renumber(lease, room, first, latest).await {
+                    Ok(done) => Ok(Ok((done, latest))),
+                    Err(BackplaneError::Fenced(_)) => Ok(Err(())),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await;
+        match done {
+            Step::Done(Ok((done, latest))) => {
+                metrics::counter!("chat_persister_renumbered_total").increment(done.moved);
+                tracing::warn!(
+                    partition = lease.partition,
+                    room_id = %room,
+                    from_entry = first,
+                    store_latest = latest,
+                    moved = done.moved,
+                    "sequence numbers already stored were given again (Redis's counter fell behind the store): the room's entries were numbered again after the store's latest"
+                );
+                Step::Done((done.upto, latest))
+            }
+            Step::Done(Err(())) | Step::Fenced => Step::Fenced,
+            Step::Stopped => Step::Stopped,
+        }
     }
 
     /// Runs `step` until it succeeds, backing off between attempts. Gives up only at

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use persister::{Persister, Tuning, fair_share};
 use shared::ObjectId;
 use shared::backplane::{Backplane, Ingest, Lease, MemoryBackplane, ReadPosition, RoomEventSink};
-use shared::store::{Room, SequencedMessage, Store, StoreError, User, UserCredentials};
+use shared::store::{Room, SequencedMessage, Store, StoreError, StoredSeq, User, UserCredentials};
 use shared::wire::{ChatMessage, RoomEvent, Sender, now_millis};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,8 @@ fn message(room: ObjectId, content: &str) -> ChatMessage {
     }
 }
 
-/// Fails the first `failures` inserts, then stores.
+/// Fails the first `failures` inserts, then stores; refuses a room's number held by another
+/// message, as the real stores' unique index does.
 #[derive(Default)]
 struct FlakyStore {
     failures: AtomicUsize,
@@ -72,11 +73,50 @@ impl Store for FlakyStore {
             self.failures.fetch_sub(1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("down".into()));
         }
-        self.stored
-            .lock()
-            .unwrap()
-            .extend(messages.iter().map(|m| m.message.clone()));
+        let mut stored = self.stored.lock().unwrap();
+        for (index, m) in messages.iter().enumerate() {
+            let seq = u64::try_from(m.seq).ok();
+            if stored.iter().any(|s| s.id == m.message.id) {
+                continue;
+            }
+            if stored
+                .iter()
+                .any(|s| s.room_id == m.message.room_id && s.seq == seq)
+            {
+                return Err(StoreError::SeqTaken {
+                    stored: index,
+                    room: m.message.room_id,
+                    seq: m.seq,
+                });
+            }
+            stored.push(ChatMessage {
+                seq,
+                ..m.message.clone()
+            });
+        }
         Ok(())
+    }
+    async fn stored_in(
+        &self,
+        ranges: &[(ObjectId, u64, u64)],
+    ) -> Result<Vec<StoredSeq>, StoreError> {
+        let stored = self.stored.lock().unwrap();
+        Ok(stored
+            .iter()
+            .filter_map(|m| {
+                let seq = m.seq?;
+                ranges
+                    .iter()
+                    .any(|(room, first, last)| {
+                        *room == m.room_id && (*first..=*last).contains(&seq)
+                    })
+                    .then_some(StoredSeq {
+                        room: m.room_id,
+                        seq,
+                        id: m.id,
+                    })
+            })
+            .collect())
     }
     async fn messages(
         &self,
@@ -94,8 +134,14 @@ impl Store for FlakyStore {
     ) -> Result<Vec<ChatMessage>, StoreError> {
         unimplemented!()
     }
-    async fn latest_seq(&self, _: ObjectId) -> Result<u64, StoreError> {
-        unimplemented!()
+    async fn latest_seq(&self, room: ObjectId) -> Result<u64, StoreError> {
+        let stored = self.stored.lock().unwrap();
+        Ok(stored
+            .iter()
+            .filter(|m| m.room_id == room)
+            .filter_map(|m| m.seq)
+            .max()
+            .unwrap_or(0))
     }
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
@@ -235,6 +281,77 @@ async fn a_worker_that_lost_its_lease_neither_publishes_nor_acknowledges() {
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
+    shutdown.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn numbers_taken_in_the_store_are_given_again_after_its_latest_in_order() {
+    let room = ObjectId::new();
+    let (memory, published) = ingest(room).await;
+    // The store holds three messages that Redis's counter no longer knows of (as after a
+    // failover to a replica that missed them): the counter is at 1.
+    let store = Arc::new(FlakyStore::default());
+    let earlier: Vec<ChatMessage> = (1..=3)
+        .map(|seq| ChatMessage {
+            seq: Some(seq),
+            ..message(room, &format!("earlier {seq}"))
+        })
+        .collect();
+    store.stored.lock().unwrap().extend(earlier.clone());
+    memory.seed_seq(room, 0).await.unwrap();
+    let first = message(room, "kept");
+    memory.append(&first, None).await.unwrap();
+    let mut late = Vec::new();
+    for i in 0..4 {
+        let m = message(room, &format!("late {i}"));
+        memory.append(&m, None).await.unwrap();
+        late.push(m);
+    }
+    let shutdown = CancellationToken::new();
+    let persister = Persister::new(memory.clone(), store.clone(), tuning(), shutdown.clone());
+    let run = tokio::spawn(persister.run());
+    while store.stored.lock().unwrap().len() < 7 || memory.queued() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every message from the first taken number on follows the store's latest, in order.
+    let stored = store.stored.lock().unwrap().clone();
+    let mut numbers: Vec<(u64, String)> = stored
+        .iter()
+        .map(|m| (m.seq.unwrap(), m.content.clone()))
+        .collect();
+    numbers.sort();
+    let expected: Vec<(u64, String)> = [
+        "earlier 1",
+        "earlier 2",
+        "earlier 3",
+        "kept",
+        "late 0",
+        "late 1",
+        "late 2",
+        "late 3",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, c)| (i as u64 + 1, c.to_string()))
+    .collect();
+    assert_eq!(
+        numbers, expected,
+        "one message per number, in the order they were accepted"
+    );
+    let order: Vec<(u64, String)> = published
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| (m.seq.unwrap(), m.content.clone()))
+        .collect();
+    assert_eq!(order, expected[3..], "published once each, in order");
+    // The counter went past them: the next message follows on.
+    let next = message(room, "next");
+    assert_eq!(
+        memory.append(&next, None).await.unwrap(),
+        shared::backplane::Appended::New { seq: 9 }
+    );
     shutdown.cancel();
     run.await.unwrap();
 }

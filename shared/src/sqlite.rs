@@ -4,7 +4,7 @@
 //! Durability: write-ahead log with `synchronous = NORMAL`, so a committed write survives
 //! a crash of the process (a power cut may lose the last moments).
 
-use crate::store::{Room, SequencedMessage, Store, StoreError, User, UserCredentials};
+use crate::store::{Room, SequencedMessage, Store, StoreError, StoredSeq, User, UserCredentials};
 use crate::wire::{ChatMessage, Sender};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -63,8 +63,14 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL,
     created_at INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_room_seq ON messages(room_id, seq DESC);
 "#;
+
+/// A room's numbers are unique. Databases written before they were may hold one number twice
+/// in a room; [`renumber_duplicates`] runs first there.
+const UNIQUE_SEQS: &str = "
+DROP INDEX IF EXISTS messages_room_seq;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_room_seq_unique ON messages(room_id, seq);
+";
 
 /// The SQLite store.
 #[derive(Clone)]
@@ -95,6 +101,18 @@ impl SqliteStore {
         )?;
         if !has_owner {
             conn.execute_batch("ALTER TABLE rooms ADD COLUMN owner_id TEXT")?;
+        }
+        let mut conn = conn;
+        let has_unique: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'messages_room_seq_unique'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_unique {
+            let tx = conn.transaction()?;
+            renumber_duplicates(&tx)?;
+            tx.execute_batch(UNIQUE_SEQS)?;
+            tx.commit()?;
         }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -151,6 +169,31 @@ fn load_room(conn: &Connection, id: ObjectId) -> Result<Option<Room>, StoreError
         created_at: time(created_at),
         last_message_at: last_message_at.map(time),
     }))
+}
+
+/// In every room that holds one number twice, numbers the messages from the first such
+/// number on again, one after the other in their stored order (number, then id).
+fn renumber_duplicates(c: &Connection) -> Result<(), StoreError> {
+    let mut first = c.prepare(
+        "SELECT room_id, MIN(seq) FROM (SELECT room_id, seq FROM messages
+         GROUP BY room_id, seq HAVING COUNT(*) > 1) GROUP BY room_id",
+    )?;
+    let rooms = first
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (room, from) in rooms {
+        let mut list =
+            c.prepare("SELECT id FROM messages WHERE room_id = ?1 AND seq >= ?2 ORDER BY seq, id")?;
+        let ids = list
+            .query_map(params![room, from], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut set = c.prepare("UPDATE messages SET seq = ?2 WHERE id = ?1")?;
+        for (next, id) in (from..).zip(&ids) {
+            set.execute(params![id, next])?;
+        }
+        tracing::warn!(room_id = %room, from, messages = ids.len(), "a room held a sequence number twice: numbered its messages again");
+    }
+    Ok(())
 }
 
 fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
@@ -339,20 +382,22 @@ impl Store for SqliteStore {
         let messages = messages.to_vec();
         self.with(move |c| {
             let tx = c.transaction()?;
+            let mut refused = None;
             {
-                // A redelivered id is already stored: that counts as stored.
+                // A redelivered id is already stored: that counts as stored. A number held
+                // by another message of the room is refused by the unique index.
                 let mut insert = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO messages
+                    "INSERT INTO messages
                      (id, room_id, seq, sender_id, sender_email, sender_name, content, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
                 )?;
                 let mut touch = tx.prepare_cached(
                     "UPDATE rooms SET last_message_at = max(coalesce(last_message_at, 0), ?2),
                      active_at = max(active_at, ?2) WHERE id = ?1",
                 )?;
-                for SequencedMessage { seq, message: m } in &messages {
+                for (index, SequencedMessage { seq, message: m }) in messages.iter().enumerate() {
                     let at = m.created_at.timestamp_millis();
-                    insert.execute(params![
+                    let inserted = insert.execute(params![
                         m.id.to_hex(),
                         m.room_id.to_hex(),
                         seq,
@@ -361,12 +406,53 @@ impl Store for SqliteStore {
                         m.sender.display_name,
                         m.content,
                         at
-                    ])?;
+                    ]);
+                    match inserted.map_err(StoreError::from) {
+                        Ok(_) => {}
+                        Err(StoreError::Conflict) => {
+                            refused = Some(StoreError::SeqTaken {
+                                stored: index,
+                                room: m.room_id,
+                                seq: *seq,
+                            });
+                            break;
+                        }
+                        Err(other) => return Err(other),
+                    }
                     touch.execute(params![m.room_id.to_hex(), at])?;
                 }
             }
+            // What came before a refused message is stored, as the contract says.
             tx.commit()?;
-            Ok(())
+            refused.map_or(Ok(()), Err)
+        })
+        .await
+    }
+
+    async fn stored_in(
+        &self,
+        ranges: &[(ObjectId, u64, u64)],
+    ) -> Result<Vec<StoredSeq>, StoreError> {
+        let ranges = ranges.to_vec();
+        self.with(move |c| {
+            let mut s = c.prepare_cached(
+                "SELECT id, seq FROM messages WHERE room_id = ?1 AND seq >= ?2 AND seq <= ?3",
+            )?;
+            let mut found = Vec::new();
+            for (room, first, last) in ranges {
+                let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                let rows = s
+                    .query_map(params![room.to_hex(), number(first), number(last)], |r| {
+                        Ok(StoredSeq {
+                            room,
+                            id: oid(&r.get::<_, String>(0)?)?,
+                            seq: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                found.extend(rows);
+            }
+            Ok(found)
         })
         .await
     }
@@ -559,5 +645,73 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(creds.user, ann);
+    }
+
+    #[tokio::test]
+    async fn numbers_are_unique_and_an_older_database_is_numbered_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let room = ObjectId::new();
+        // As an older release left it: a number held twice in a room.
+        let ids: Vec<ObjectId> = (0..4).map(|_| ObjectId::new()).collect();
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute_batch("CREATE INDEX messages_room_seq ON messages(room_id, seq DESC)")
+                .unwrap();
+            for (id, seq) in ids.iter().zip([1, 2, 2, 3]) {
+                c.execute(
+                    "INSERT INTO messages (id, room_id, seq, sender_id, content, created_at)
+                     VALUES (?1, ?2, ?3, ?4, 'x', 0)",
+                    params![id.to_hex(), room.to_hex(), seq, ObjectId::new().to_hex()],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let numbers: Vec<(ObjectId, u64)> = store
+            .messages_after(room, 0, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.id, m.seq.unwrap()))
+            .collect();
+        assert_eq!(
+            numbers,
+            [(ids[0], 1), (ids[1], 2), (ids[2], 3), (ids[3], 4)]
+        );
+        // From now on a taken number is refused, and the insert stops there.
+        let batch: Vec<SequencedMessage> = [(5, "five"), (4, "taken"), (6, "six")]
+            .into_iter()
+            .map(|(seq, c)| SequencedMessage {
+                seq,
+                message: message(room, c),
+            })
+            .collect();
+        let refused = store.insert_messages(&batch).await;
+        assert!(
+            matches!(
+                refused,
+                Err(StoreError::SeqTaken {
+                    stored: 1,
+                    seq: 4,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(store.latest_seq(room).await.unwrap(), 5);
+        // A stored id counts as stored, whatever its number.
+        let copy = SequencedMessage {
+            seq: 9,
+            ..batch[0].clone()
+        };
+        store.insert_messages(&[copy]).await.unwrap();
+        let found = store.stored_in(&[(room, 5, 9)]).await.unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].id, found[0].seq), (batch[0].message.id, 5));
+        drop(store);
+        // Opened again: nothing to do.
+        SqliteStore::open(&path).unwrap();
     }
 }

@@ -1,7 +1,9 @@
 //! The store: users, rooms and messages.
 //!
 //! [`Store::insert_messages`] is idempotent by message id, which turns the ingest
-//! stream's at-least-once delivery into exactly one stored copy.
+//! stream's at-least-once delivery into exactly one stored copy, and a room's sequence
+//! numbers are unique: a number held by another message is refused
+//! ([`StoreError::SeqTaken`]), never stored twice.
 
 use crate::config::MongoSettings;
 use crate::wire::{ChatMessage, Sender};
@@ -93,12 +95,28 @@ pub struct SequencedMessage {
     pub message: ChatMessage,
 }
 
+/// A message of a room, by its number: what [`Store::stored_in`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredSeq {
+    pub room: ObjectId,
+    pub seq: u64,
+    pub id: ObjectId,
+}
+
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A unique value (a user's e-mail) is taken.
     #[error("already exists")]
     Conflict,
+    /// [`Store::insert_messages`] stopped at a message whose room already gives its number to
+    /// another message; the `stored` messages before it are stored.
+    #[error("sequence number {seq} of room {room} is held by another message")]
+    SeqTaken {
+        stored: usize,
+        room: ObjectId,
+        seq: i64,
+    },
     /// The store did not answer or failed; the cause is for the log only.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -160,8 +178,18 @@ pub trait Store: Send + Sync + 'static {
         user: ObjectId,
     ) -> Result<Option<Room>, StoreError>;
 
-    /// Stores messages. Idempotent: a message whose id is already stored counts as stored.
+    /// Stores messages in the given order. Idempotent: a message whose id is already stored
+    /// counts as stored (whatever its number). Stops at the first message whose room already
+    /// gives its number to another message: [`StoreError::SeqTaken`], with the messages
+    /// before it stored and none after.
     async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError>;
+
+    /// The messages stored in each room with a number from `first` to `last`, in any order:
+    /// one query for many rooms (`(room, first, last)`).
+    async fn stored_in(
+        &self,
+        ranges: &[(ObjectId, u64, u64)],
+    ) -> Result<Vec<StoredSeq>, StoreError>;
     /// A room's messages, newest first (in accepted order), at most `limit`, older than
     /// the message `before` when given.
     async fn messages(
@@ -369,16 +397,120 @@ impl MongoStore {
                     .build(),
             )
             .await?;
-        self.messages
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "roomId": 1, "seq": -1 })
+        self.ensure_unique_seqs().await
+    }
+
+    /// Makes a room's sequence numbers unique (index `roomId_seq_unique`). Databases written
+    /// before it was may hold one number twice in a room (a Redis failover could give a
+    /// stored number again): those rooms are numbered again first
+    /// ([`Self::renumber_duplicates`]), then the index is made. The index it replaces
+    /// (`roomId_1_seq_-1`, not unique) is dropped once the unique one exists.
+    async fn ensure_unique_seqs(&self) -> Result<(), StoreError> {
+        let unique = IndexModel::builder()
+            .keys(doc! { "roomId": 1, "seq": 1 })
+            .options(
+                IndexOptions::builder()
+                    .unique(true)
+                    .name("roomId_seq_unique".to_owned())
                     .build(),
             )
+            .build();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.messages.create_index(unique.clone()).await {
+                Ok(_) => break,
+                // Other processes may add duplicates while this one renumbers: a few rounds.
+                Err(e) if is_duplicate_key(&e) && attempts <= 3 => {
+                    self.renumber_duplicates().await?;
+                }
+                Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            }
+        }
+        let names = self.messages.list_index_names().await?;
+        if names.iter().any(|n| n == OLD_SEQ_INDEX) {
+            self.messages.drop_index(OLD_SEQ_INDEX).await?;
+        }
+        Ok(())
+    }
+
+    /// The migration step of [`Self::ensure_unique_seqs`]: in every room that holds one number
+    /// twice, the messages from the first such number on are numbered again, one after the
+    /// other in their stored order (number, then id). Deterministic, so two processes
+    /// running it at once write the same numbers.
+    async fn renumber_duplicates(&self) -> Result<(), StoreError> {
+        let pipeline = vec![
+            doc! { "$group": { "_id": { "room": "$roomId", "seq": "$seq" }, "n": { "$sum": 1 } } },
+            doc! { "$match": { "n": { "$gt": 1 } } },
+        ];
+        let groups: Vec<Document> = self
+            .messages
+            .aggregate(pipeline)
+            .await?
+            .try_collect()
             .await?;
+        let mut first: BTreeMap<ObjectId, i64> = BTreeMap::new();
+        for group in &groups {
+            let Ok(key) = group.get_document("_id") else {
+                continue;
+            };
+            let (Ok(room), Ok(seq)) = (key.get_object_id("room"), key.get_i64("seq")) else {
+                continue;
+            };
+            let lowest = first.entry(room).or_insert(seq);
+            *lowest = (*lowest).min(seq);
+        }
+        for (room, from) in first {
+            let docs: Vec<Document> = self
+                .messages
+                .clone_with_type::<Document>()
+                .find(doc! { "roomId": room, "seq": { "$gte": from } })
+                .sort(doc! { "seq": 1, "_id": 1 })
+                .projection(doc! { "_id": 1, "seq": 1 })
+                .await?
+                .try_collect()
+                .await?;
+            let mut renumbered = 0;
+            for (next, d) in (from..).zip(&docs) {
+                let (Ok(id), Ok(seq)) = (d.get_object_id("_id"), d.get_i64("seq")) else {
+                    continue;
+                };
+                if seq != next {
+                    self.messages
+                        .update_one(doc! { "_id": id }, doc! { "$set": { "seq": next } })
+                        .await?;
+                    renumbered += 1;
+                }
+            }
+            tracing::warn!(room_id = %room, from, renumbered, "a room held a sequence number twice: numbered its messages again");
+        }
+        Ok(())
+    }
+
+    /// Newest message time per room, for "most recently active first". One update per room,
+    /// all in flight at once: a batch spanning many rooms costs one round trip.
+    async fn touch_rooms(&self, messages: &[SequencedMessage]) -> Result<(), StoreError> {
+        let mut latest: BTreeMap<ObjectId, DateTime<Utc>> = BTreeMap::new();
+        for m in messages.iter().map(|s| &s.message) {
+            let t = latest.entry(m.room_id).or_insert(m.created_at);
+            *t = (*t).max(m.created_at);
+        }
+        futures::future::try_join_all(latest.into_iter().map(|(room, t)| {
+            let t = to_bson_time(&t);
+            self.rooms
+                .update_one(
+                    doc! { "_id": room },
+                    doc! { "$max": { "lastMessageAt": t, "activeAt": t } },
+                )
+                .into_future()
+        }))
+        .await?;
         Ok(())
     }
 }
+
+/// The sequence index of databases written before numbers were unique.
+const OLD_SEQ_INDEX: &str = "roomId_1_seq_-1";
 
 #[async_trait]
 impl Store for MongoStore {
@@ -524,44 +656,83 @@ impl Store for MongoStore {
     }
 
     async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError> {
-        if messages.is_empty() {
-            return Ok(());
-        }
         let docs: Vec<MessageDoc> = messages.iter().map(MessageDoc::from).collect();
-        if let Err(e) = self.messages.insert_many(&docs).ordered(false).await {
-            // After a redelivery some ids are already stored: that is success for them.
-            let only_duplicates = match e.kind.as_ref() {
-                ErrorKind::InsertMany(m) => {
-                    m.write_concern_error.is_none()
-                        && m.write_errors
-                            .as_ref()
-                            .is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY))
-                }
-                _ => false,
+        let mut start = 0;
+        // Ordered: a refused message stops the insert there, so nothing of its room after
+        // it is stored ahead of it.
+        while start < docs.len() {
+            let Err(e) = self
+                .messages
+                .insert_many(&docs[start..])
+                .ordered(true)
+                .await
+            else {
+                break;
             };
-            if !only_duplicates {
+            let refused = match e.kind.as_ref() {
+                ErrorKind::InsertMany(m) if m.write_concern_error.is_none() => m
+                    .write_errors
+                    .as_ref()
+                    .and_then(|errs| errs.iter().min_by_key(|w| w.index))
+                    .filter(|w| w.code == DUPLICATE_KEY)
+                    .map(|w| start + w.index),
+                _ => None,
+            };
+            let Some(at) = refused else {
                 return Err(StoreError::Unavailable(e.to_string()));
+            };
+            // Its id stored already (a redelivery) counts as stored; else its number is taken.
+            let stored = self
+                .messages
+                .clone_with_type::<Document>()
+                .find_one(doc! { "_id": docs[at].id })
+                .projection(doc! { "_id": 1 })
+                .await?;
+            if stored.is_none() {
+                self.touch_rooms(&messages[..at]).await?;
+                return Err(StoreError::SeqTaken {
+                    stored: at,
+                    room: docs[at].room_id,
+                    seq: docs[at].seq,
+                });
             }
+            start = at + 1;
         }
-        // Newest message time per room, for "most recently active first".
-        let mut latest: BTreeMap<ObjectId, DateTime<Utc>> = BTreeMap::new();
-        for m in messages.iter().map(|s| &s.message) {
-            let t = latest.entry(m.room_id).or_insert(m.created_at);
-            *t = (*t).max(m.created_at);
+        self.touch_rooms(messages).await
+    }
+
+    async fn stored_in(
+        &self,
+        ranges: &[(ObjectId, u64, u64)],
+    ) -> Result<Vec<StoredSeq>, StoreError> {
+        if ranges.is_empty() {
+            return Ok(Vec::new());
         }
-        // One update per room, all in flight at once: a batch spanning many rooms costs one
-        // round trip, not one per room.
-        futures::future::try_join_all(latest.into_iter().map(|(room, t)| {
-            let t = to_bson_time(&t);
-            self.rooms
-                .update_one(
-                    doc! { "_id": room },
-                    doc! { "$max": { "lastMessageAt": t, "activeAt": t } },
-                )
-                .into_future()
-        }))
-        .await?;
-        Ok(())
+        let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let any: Vec<Document> = ranges
+            .iter()
+            .map(|(room, first, last)| {
+                doc! { "roomId": room, "seq": { "$gte": number(*first), "$lte": number(*last) } }
+            })
+            .collect();
+        let docs: Vec<Document> = self
+            .messages
+            .clone_with_type::<Document>()
+            .find(doc! { "$or": any })
+            .projection(doc! { "_id": 1, "roomId": 1, "seq": 1 })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(StoredSeq {
+                    id: d.get_object_id("_id").ok()?,
+                    room: d.get_object_id("roomId").ok()?,
+                    seq: u64::try_from(d.get_i64("seq").ok()?).ok()?,
+                })
+            })
+            .collect())
     }
 
     async fn messages(

@@ -11,7 +11,9 @@
 //! | `{chat:ingest:p}:lease` | string | the partition: the read and complete scripts check it with the stream | `<instance> <token>` of the persister holding the partition | `PX LEASE_MS × 3/4` |
 //! | `{chat:ingest:p}:seq` | hash | the partition: read and raised in the append script | the last sequence number given in each room of the partition | one field per room, never expires |
 //! | `{chat:ingest:p}:fence` | string (counter) | the partition | the last fencing token handed out | one per partition |
-//! | `{chat:ingest:p}:idem:<user>:<room>:<clientMsgId>` | string | the partition of the room: checked and set in the append script | `<messageId> <millis>` of the first send | `EX 86400` (24 h) |
+//! | `{chat:ingest:p}:msg:<messageId>` | string | the partition of the room: checked and set in the append script | the sequence number the message was given | `EX 120` |
+//! | `{chat:ingest:p}:idem:<user>:<room>:<clientMsgId>` | string | the partition of the room: checked and set in the append script | `<messageId> <millis> <seq> <content hash>` of the first send | `EX IDEMPOTENCY_TTL_SECS` (24 h) |
+//! | `{chat:ingest:p}:renumbered:<roomId>:<entryId>` | string | the partition: set by the renumber script | what one renumbering moved | `EX 600` |
 //! | `{chat:ingest:p}:room:<roomId>` | sharded channel | the partition: the complete script publishes with the fenced acknowledge | `message` batches and `typing` of one room | pub/sub |
 //! | `{chat}:control` | sharded channel | its own | participant removals, heard by every gateway | pub/sub |
 //! | `{chat}:ingest:partitions` | string | its own | the partition count, recorded by the first process | one key |
@@ -73,6 +75,29 @@ impl Keys {
     /// The fencing token counter of a partition.
     pub fn ingest_fence(&self, partition: u16) -> String {
         format!("{}:fence", self.tag(partition))
+    }
+
+    /// A message's own key, set when it is appended: a second run of the append finds it.
+    pub fn appended(&self, room: &ObjectId, message: &ObjectId) -> String {
+        format!(
+            "{}{}",
+            self.appended_prefix(self.partition_of(room)),
+            message.to_hex()
+        )
+    }
+
+    /// What every message's own key in a partition starts with.
+    pub fn appended_prefix(&self, partition: u16) -> String {
+        format!("{}:msg:", self.tag(partition))
+    }
+
+    /// The record of one renumbering of a room's entries (see `renumber.lua`).
+    pub fn renumbered(&self, room: &ObjectId, from: &str) -> String {
+        format!(
+            "{}:renumbered:{}:{from}",
+            self.tag(self.partition_of(room)),
+            room.to_hex()
+        )
     }
 
     /// An idempotency key (`<user>:<room>:<clientMsgId>`), in its room's partition.
@@ -174,6 +199,8 @@ mod tests {
                 keys.ingest_fence(p),
                 keys.ingest_seq(p),
                 keys.idempotency(&room, "u:r:c"),
+                keys.appended(&room, &ObjectId::new()),
+                keys.renumbered(&room, "1-0"),
                 keys.room_channel(&room),
             ] {
                 assert_eq!(redis_keyslot(key.as_bytes()), slot, "{key}");

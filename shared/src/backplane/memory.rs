@@ -9,7 +9,7 @@
 
 use super::{
     Appended, Backplane, BackplaneError, IDEMPOTENCY_TTL, Ingest, IngestEntry, Lease, ReadPosition,
-    RoomEventSink, stream_seq,
+    Renumbered, RoomEventSink, content_hash, stream_seq,
 };
 use crate::wire::{ChatMessage, RoomEvent};
 use async_trait::async_trait;
@@ -32,9 +32,36 @@ struct Queue {
     seqs: HashMap<ObjectId, u64>,
 }
 
+/// Bounds of the in-process ingest, as the Redis one has them.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryLimits {
+    /// Most messages queued and not yet stored (`INGEST_MAX_BACKLOG`); past it, appends fail
+    /// with [`BackplaneError::BacklogFull`].
+    pub max_backlog: u64,
+    /// How long an idempotency key is remembered (`IDEMPOTENCY_TTL_SECS`).
+    pub idempotency_ttl: Duration,
+    /// Most idempotency keys remembered; past it the oldest is forgotten first (counted in
+    /// `chat_gateway_idempotency_evictions_total`).
+    pub max_idempotency_keys: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self {
+            max_backlog: 100_000,
+            idempotency_ttl: IDEMPOTENCY_TTL,
+            max_idempotency_keys: MAX_IDEMPOTENCY_KEYS,
+        }
+    }
+}
+
+/// Idempotency keys an embedded server remembers at most: about 200 bytes each, so 20 MB.
+pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
+
 /// The in-process backplane; it is also the persister's [`Ingest`].
 pub struct MemoryBackplane {
     sink: RoomEventSink,
+    limits: MemoryLimits,
     queue: Mutex<Queue>,
     appended: Notify,
     rooms: Mutex<HashSet<ObjectId>>,
@@ -47,22 +74,28 @@ pub struct MemoryBackplane {
 }
 
 /// Idempotency keys with their first append, and the order they expire in: every key lives
-/// the same [`IDEMPOTENCY_TTL`], so the oldest is always at the front and expiry costs O(1)
-/// per append.
+/// the same time, so the oldest is always at the front and expiry costs O(1) per append.
 #[derive(Default)]
 struct Idempotency {
     first: HashMap<String, FirstAppend>,
     expiry: VecDeque<(Instant, String)>,
 }
 
-/// The message first appended under an idempotency key: id, time and sequence number.
-type FirstAppend = (ObjectId, DateTime<Utc>, u64);
+/// The message first appended under an idempotency key: id, time, sequence number and the
+/// hash of its content.
+type FirstAppend = (ObjectId, DateTime<Utc>, u64, String);
 
 impl MemoryBackplane {
     /// Room events of subscribed rooms (and every control event) go to `sink`.
     pub fn new(sink: RoomEventSink) -> Self {
+        Self::with_limits(sink, MemoryLimits::default())
+    }
+
+    /// The same with other bounds.
+    pub fn with_limits(sink: RoomEventSink, limits: MemoryLimits) -> Self {
         Self {
             sink,
+            limits,
             queue: Mutex::default(),
             appended: Notify::new(),
             rooms: Mutex::default(),
@@ -81,24 +114,38 @@ impl MemoryBackplane {
     /// Queues a message with the next number of its room; returns the number.
     fn push(&self, message: &ChatMessage) -> Result<u64, BackplaneError> {
         let mut q = lock(&self.queue);
+        let entries = q.entries.len() as u64;
+        if entries >= self.limits.max_backlog {
+            metrics::counter!("chat_gateway_ingest_full_total").increment(1);
+            return Err(BackplaneError::BacklogFull {
+                partition: 0,
+                entries,
+            });
+        }
         let Some(last) = q.seqs.get_mut(&message.room_id) else {
             return Err(BackplaneError::SeqUnknown(message.room_id));
         };
         *last += 1;
         let seq = *last;
-        let now = Utc::now().timestamp_millis();
-        q.last = if now > q.last.0 {
-            (now, 0)
-        } else {
-            (q.last.0, q.last.1 + 1)
-        };
-        let id = format!("{}-{}", q.last.0, q.last.1);
-        let mut numbered = message.clone();
-        numbered.seq = Some(seq);
-        q.entries.push_back((id, numbered));
+        q.enqueue(message.clone(), seq);
         drop(q);
         self.appended.notify_one();
         Ok(seq)
+    }
+}
+
+impl Queue {
+    /// Adds an entry with the next id.
+    fn enqueue(&mut self, mut message: ChatMessage, seq: u64) {
+        let now = Utc::now().timestamp_millis();
+        self.last = if now > self.last.0 {
+            (now, 0)
+        } else {
+            (self.last.0, self.last.1 + 1)
+        };
+        message.seq = Some(seq);
+        self.entries
+            .push_back((format!("{}-{}", self.last.0, self.last.1), message));
     }
 }
 
@@ -122,19 +169,28 @@ impl Backplane for MemoryBackplane {
                     seen.first.remove(&old);
                 }
             }
-            if let Some((id, created_at, seq)) = seen.first.get(key) {
+            let hash = content_hash(&message.content);
+            if let Some((id, created_at, seq, first)) = seen.first.get(key) {
                 return Ok(Appended::Duplicate {
                     id: *id,
                     created_at: *created_at,
                     seq: *seq,
+                    same_content: *first == hash,
                 });
             }
             // Queued under the same lock, so a concurrent duplicate cannot slip in between.
             let seq = self.push(message)?;
+            while seen.first.len() >= self.limits.max_idempotency_keys {
+                let Some((_, old)) = seen.expiry.pop_front() else {
+                    break;
+                };
+                seen.first.remove(&old);
+                metrics::counter!("chat_gateway_idempotency_evictions_total").increment(1);
+            }
             seen.first
-                .insert(key.to_owned(), (message.id, message.created_at, seq));
+                .insert(key.to_owned(), (message.id, message.created_at, seq, hash));
             seen.expiry
-                .push_back((now + IDEMPOTENCY_TTL, key.to_owned()));
+                .push_back((now + self.limits.idempotency_ttl, key.to_owned()));
             return Ok(Appended::New { seq });
         }
         Ok(Appended::New {
@@ -261,40 +317,38 @@ impl Ingest for MemoryBackplane {
         block: Duration,
     ) -> Result<Vec<IngestEntry>, BackplaneError> {
         self.check(lease)?;
-        if let ReadPosition::Pending(cursor) = position {
-            // Hand out again everything after the cursor that was handed out before.
-            let after = stream_seq(cursor).unwrap_or(0);
-            let mut q = lock(&self.queue);
-            q.delivered = q
-                .entries
-                .iter()
-                .take(q.delivered)
-                .take_while(|(id, _)| stream_seq(id).unwrap_or(0) <= after)
-                .count();
-            let last_read = (cursor != "0").then(|| cursor.clone());
-            *position = ReadPosition::New { last_read };
-        }
+        let after = stream_seq(position.last()).unwrap_or(0);
+        let max = max.max(1);
         let deadline = tokio::time::Instant::now() + block;
         loop {
             // Registered before looking, so an append in between is not missed.
             let appended = self.appended.notified();
             {
                 let mut q = lock(&self.queue);
+                let entry = |(id, m): &(String, ChatMessage)| IngestEntry {
+                    id: id.clone(),
+                    message: Ok(m.clone()),
+                };
+                // Handed out before and not received (an earlier holder's) come first.
+                let again: Vec<IngestEntry> = q
+                    .entries
+                    .iter()
+                    .take(q.delivered)
+                    .filter(|(id, _)| stream_seq(id).unwrap_or(0) > after)
+                    .take(max)
+                    .map(entry)
+                    .collect();
+                if !again.is_empty() {
+                    position.received(&again);
+                    return Ok(again);
+                }
                 if q.entries.len() > q.delivered {
                     let start = q.delivered;
-                    let end = q.entries.len().min(start + max.max(1));
+                    let end = q.entries.len().min(start + max);
                     q.delivered = end;
-                    let entries: Vec<IngestEntry> = q
-                        .entries
-                        .range(start..end)
-                        .map(|(id, m)| IngestEntry {
-                            id: id.clone(),
-                            message: Ok(m.clone()),
-                        })
-                        .collect();
-                    *position = ReadPosition::New {
-                        last_read: entries.last().map(|e| e.id.clone()),
-                    };
+                    let entries: Vec<IngestEntry> =
+                        q.entries.range(start..end).map(entry).collect();
+                    position.received(&entries);
                     return Ok(entries);
                 }
             }
@@ -327,6 +381,51 @@ impl Ingest for MemoryBackplane {
         });
         q.delivered = delivered - removed_delivered;
         Ok(())
+    }
+
+    async fn renumber(
+        &self,
+        lease: &Lease,
+        room: ObjectId,
+        from: &str,
+        store_latest: u64,
+    ) -> Result<Renumbered, BackplaneError> {
+        self.check(lease)?;
+        let from = stream_seq(from).unwrap_or(0);
+        let mut q = lock(&self.queue);
+        let Some(upto) = q.entries.back().map(|(id, _)| id.clone()) else {
+            return Ok(Renumbered {
+                upto: "0-0".into(),
+                moved: 0,
+            });
+        };
+        q.seqs.insert(room, store_latest);
+        let (mut kept, mut moved) = (VecDeque::new(), Vec::new());
+        let mut delivered = q.delivered;
+        for (index, (id, message)) in std::mem::take(&mut q.entries).into_iter().enumerate() {
+            if message.room_id == room && stream_seq(&id).unwrap_or(0) >= from {
+                if index < q.delivered {
+                    delivered -= 1;
+                }
+                moved.push(message);
+            } else {
+                kept.push_back((id, message));
+            }
+        }
+        q.entries = kept;
+        q.delivered = delivered;
+        let count = moved.len() as u64;
+        for message in moved {
+            let seq = {
+                let counter = q.seqs.entry(room).or_insert(0);
+                *counter += 1;
+                *counter
+            };
+            q.enqueue(message, seq);
+        }
+        drop(q);
+        self.appended.notify_one();
+        Ok(Renumbered { upto, moved: count })
     }
 
     async fn backlog(&self, _partition: u16) -> Result<u64, BackplaneError> {
@@ -373,7 +472,7 @@ mod tests {
         );
         assert!(matches!(
             bp.append(&b, Some("k")).await.unwrap(),
-            Appended::Duplicate { id, seq: 42, .. } if id == a.id
+            Appended::Duplicate { id, seq: 42, same_content: true, .. } if id == a.id
         ));
         assert_eq!(
             bp.append(&b, None).await.unwrap(),

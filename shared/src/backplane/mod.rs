@@ -28,6 +28,7 @@ pub use memory::MemoryBackplane;
 pub use redis_ingest::RedisIngest;
 pub use redis_pubsub::RedisBackplane;
 pub use redis_util::{connect_client, durability_warnings};
+
 pub(crate) use redis_util::{count_script, uncount_script};
 
 use crate::wire::{ChatMessage, RoomEvent};
@@ -89,7 +90,10 @@ pub trait Backplane: Send + Sync + 'static {
     /// message is in Redis (and, with `INGEST_MIN_REPLICAS`, on that many replicas) and will
     /// be stored and published by a persister.
     ///
-    /// With an idempotency key (sender, room and `clientMsgId`), a key seen in the last
+    /// Once per message id: a second run of the same append within [`APPENDED_TTL`] (the
+    /// Redis client sends a command again when its connection dropped with the reply in
+    /// flight) appends nothing and answers with the number the first run gave. With an
+    /// idempotency key (sender, room and `clientMsgId`), a key seen in the last
     /// `IDEMPOTENCY_TTL_SECS` appends nothing and returns the first message's id and time.
     async fn append(
         &self,
@@ -126,16 +130,34 @@ pub trait Backplane: Send + Sync + 'static {
 /// What [`Backplane::append`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// The message was appended with this sequence number in its room.
+    /// The message was appended with this sequence number in its room (now, or by an
+    /// earlier run of the same append whose answer was lost).
     New { seq: u64 },
     /// A message with the same idempotency key was appended before; this is its id, time and
-    /// sequence number.
+    /// sequence number, and whether its content was the same as this one's.
     Duplicate {
         id: ObjectId,
         created_at: DateTime<Utc>,
         seq: u64,
+        same_content: bool,
     },
 }
+
+/// A short fingerprint of a message's content, kept with its idempotency key so that a retry
+/// carrying other content under the same `clientMsgId` is told apart from a true retry.
+pub fn content_hash(content: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(content.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How long a message's own id is remembered after its append, so that a second run of the
+/// same append (the Redis client sends a command again after a reconnect, within its command
+/// timeout of a few seconds) is recognised and takes no second number.
+pub const APPENDED_TTL: Duration = Duration::from_secs(120);
+
+/// How long a renumbering is remembered, so that a second run of it moves nothing again.
+pub const RENUMBERED_TTL: Duration = Duration::from_secs(600);
 
 /// How long an idempotency key (`clientMsgId`) is remembered by default.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -161,29 +183,40 @@ pub struct Lease {
     pub holder: String,
 }
 
-/// Where a partition's holder reads next.
+/// Where a partition's holder reads next: after the last entry it received. A read first
+/// hands out again whatever was handed out after that entry and never received (a reply
+/// lost with its connection, or an earlier holder's), then new entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadPosition {
-    /// Entries read by an earlier holder (or by this one, with the reply lost) and never
-    /// acknowledged, after this entry id (`0` for all of them). Every new holder starts here.
-    Pending(String),
-    /// New entries.
-    New { last_read: Option<String> },
+pub struct ReadPosition {
+    last: String,
 }
 
 impl ReadPosition {
     /// Where a new lease starts: with whatever earlier holders left unacknowledged.
     pub fn start() -> Self {
-        Self::Pending("0".into())
+        Self { last: "0".into() }
     }
 
-    /// After a failed read, whose reply may have been lost after Redis handed entries over:
-    /// read the pending entries after the last one this holder received.
-    pub fn after_failure(&mut self) {
-        if let Self::New { last_read } = self {
-            *self = Self::Pending(last_read.take().unwrap_or_else(|| "0".into()));
+    /// The id of the last entry received (`0` before the first).
+    pub fn last(&self) -> &str {
+        &self.last
+    }
+
+    /// Records the last entry of a read.
+    pub fn received(&mut self, entries: &[IngestEntry]) {
+        if let Some(last) = entries.last() {
+            self.last.clone_from(&last.id);
         }
     }
+}
+
+/// What [`Ingest::renumber`] did: the room's entries from the first one to move up to
+/// `upto` (an entry id) were appended again with new numbers; any of them read before is
+/// gone (acknowledged and deleted) and must not be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renumbered {
+    pub upto: String,
+    pub moved: u64,
 }
 
 /// Messages of one room stored together: published as one [`RoomEvent::Messages`].
@@ -244,7 +277,8 @@ pub trait Ingest: Send + Sync + 'static {
     async fn release(&self, lease: &Lease) -> Result<(), BackplaneError>;
 
     /// Reads up to `max` entries at `position` (and moves it on), waiting up to `block` for
-    /// new ones. [`BackplaneError::Fenced`] when the lease is no longer ours.
+    /// new ones. Safe to run twice: a read whose answer was lost is answered again by the
+    /// next. [`BackplaneError::Fenced`] when the lease is no longer ours.
     async fn read(
         &self,
         lease: &Lease,
@@ -262,6 +296,21 @@ pub trait Ingest: Send + Sync + 'static {
         events: &[RoomEvent],
         ids: &[String],
     ) -> Result<(), BackplaneError>;
+
+    /// Numbers `room`'s entries again from the entry `from` on, because their numbers are
+    /// held by other messages in the store already (Redis's counter fell behind the store:
+    /// a failover to a replica that missed the last writes, or an append-only file that lost
+    /// its last second). Sets the room's counter to `store_latest`, then appends each of
+    /// the room's entries from `from` to the end of the stream again, in order, with the
+    /// next number, and deletes the original. Safe to run twice. Only while `lease` holds
+    /// ([`BackplaneError::Fenced`]).
+    async fn renumber(
+        &self,
+        lease: &Lease,
+        room: ObjectId,
+        from: &str,
+        store_latest: u64,
+    ) -> Result<Renumbered, BackplaneError>;
 
     /// Entries of a partition not yet acknowledged.
     async fn backlog(&self, partition: u16) -> Result<u64, BackplaneError>;
@@ -357,19 +406,24 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_read_rereads_what_came_after_the_last_entry_received() {
-        let mut p = ReadPosition::New {
-            last_read: Some("5-0".into()),
+    fn a_read_position_is_the_last_entry_received() {
+        let mut p = ReadPosition::start();
+        assert_eq!(p.last(), "0");
+        let entry = |id: &str| IngestEntry {
+            id: id.into(),
+            message: Err(String::new()),
         };
-        p.after_failure();
-        assert_eq!(p, ReadPosition::Pending("5-0".into()));
-        let mut fresh = ReadPosition::New { last_read: None };
-        fresh.after_failure();
-        assert_eq!(fresh, ReadPosition::start());
-        // A failure while reading pending entries keeps the cursor.
-        let mut pending = ReadPosition::Pending("7-1".into());
-        pending.after_failure();
-        assert_eq!(pending, ReadPosition::Pending("7-1".into()));
+        p.received(&[entry("1-0"), entry("2-3")]);
+        assert_eq!(p.last(), "2-3");
+        p.received(&[]);
+        assert_eq!(p.last(), "2-3", "an empty read keeps it");
+    }
+
+    #[test]
+    fn content_hashes_tell_contents_apart() {
+        assert_eq!(content_hash("hi"), content_hash("hi"));
+        assert_ne!(content_hash("hi"), content_hash("hi!"));
+        assert_eq!(content_hash("hi").len(), 16);
     }
 
     #[test]

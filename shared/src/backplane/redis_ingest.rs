@@ -12,7 +12,8 @@ use super::redis_util::{
     COMMAND_TIMEOUT, SCRIPTS, connect_checked, connect_client, wait_for_replicas,
 };
 use super::{
-    Appended, BackplaneError, Ingest, IngestEntry, IngestSettings, Keys, Lease, ReadPosition,
+    APPENDED_TTL, Appended, BackplaneError, Ingest, IngestEntry, IngestSettings, Keys, Lease,
+    RENUMBERED_TTL, ReadPosition, Renumbered, content_hash,
 };
 use crate::config::RedisSettings;
 use crate::wire::{ChatMessage, MessageBatch, RoomEvent};
@@ -80,13 +81,18 @@ impl IngestWriter {
         let stream = self.keys.ingest_stream(partition);
         let json =
             serde_json::to_string(message).map_err(|e| BackplaneError::Malformed(e.to_string()))?;
-        let mut keys = vec![stream.clone(), self.keys.ingest_seq(partition)];
+        let mut keys = vec![
+            stream.clone(),
+            self.keys.ingest_seq(partition),
+            self.keys.appended(&message.room_id, &message.id),
+        ];
         keys.extend(idempotency_key.map(|k| self.keys.idempotency(&message.room_id, k)));
         let first = format!(
             "{} {}",
             message.id.to_hex(),
             message.created_at.timestamp_millis()
         );
+        let hash = content_hash(&message.content);
         let reply: (i64, Value) = SCRIPTS
             .append
             .evalsha_with_reload(
@@ -98,17 +104,24 @@ impl IngestWriter {
                     first,
                     self.idempotency_ttl.as_secs().to_string(),
                     message.room_id.to_hex(),
+                    APPENDED_TTL.as_secs().to_string(),
+                    hash.clone(),
                 ],
             )
             .await?;
+        let number = |seq: Value| {
+            seq.as_u64()
+                .ok_or_else(|| BackplaneError::Malformed(format!("append seq {seq:?}")))
+        };
         let appended = match reply {
-            (0, seq) => Appended::New {
-                seq: seq
-                    .as_u64()
-                    .ok_or_else(|| BackplaneError::Malformed(format!("append seq {seq:?}")))?,
-            },
+            (0, seq) => Appended::New { seq: number(seq)? },
+            (4, seq) => {
+                // This very message was appended by an earlier run whose answer was lost.
+                metrics::counter!("chat_gateway_append_repeats_total").increment(1);
+                Appended::New { seq: number(seq)? }
+            }
             (3, _) => return Err(BackplaneError::SeqUnknown(message.room_id)),
-            (1, prior) => parse_first(prior.as_str().as_deref().unwrap_or_default())?,
+            (1, prior) => parse_first(prior.as_str().as_deref().unwrap_or_default(), &hash)?,
             (2, entries) => {
                 metrics::counter!("chat_gateway_ingest_full_total").increment(1);
                 return Err(BackplaneError::BacklogFull {
@@ -133,14 +146,16 @@ impl IngestWriter {
     }
 }
 
-/// Parses an idempotency record, `<message id> <millis> <seq>`.
-fn parse_first(record: &str) -> Result<Appended, BackplaneError> {
+/// Parses an idempotency record, `<message id> <millis> <seq> [<content hash>]` (records
+/// written before content hashes were kept have none: taken as the same content).
+fn parse_first(record: &str, hash: &str) -> Result<Appended, BackplaneError> {
     let mut parts = record.split(' ');
     let parsed = (|| {
         Some(Appended::Duplicate {
             id: ObjectId::parse_str(parts.next()?).ok()?,
             created_at: DateTime::from_timestamp_millis(parts.next()?.parse().ok()?)?,
             seq: parts.next()?.parse().ok()?,
+            same_content: parts.next().is_none_or(|first| first == hash),
         })
     })();
     parsed.ok_or_else(|| BackplaneError::Malformed(format!("idempotency record {record:?}")))
@@ -345,42 +360,23 @@ impl Ingest for RedisIngest {
     ) -> Result<Vec<IngestEntry>, BackplaneError> {
         let mut waited = false;
         loop {
-            let from = match position {
-                ReadPosition::Pending(cursor) => cursor.clone(),
-                ReadPosition::New { .. } => ">".to_owned(),
-            };
-            let (entries, last_delivered) = self.read_script(lease, &from, max).await?;
-            if let Some(last) = entries.last() {
-                *position = match position {
-                    ReadPosition::Pending(_) => ReadPosition::Pending(last.id.clone()),
-                    ReadPosition::New { .. } => ReadPosition::New {
-                        last_read: Some(last.id.clone()),
-                    },
-                };
+            let (entries, last_delivered) = self.read_script(lease, position.last(), max).await?;
+            if !entries.is_empty() || waited || block.is_zero() {
+                position.received(&entries);
                 return Ok(entries);
             }
-            match position {
-                // Every entry left pending is read: go on with new ones.
-                ReadPosition::Pending(cursor) => {
-                    let last_read = (cursor != "0").then(|| cursor.clone());
-                    *position = ReadPosition::New { last_read };
-                }
-                ReadPosition::New { .. } if waited || block.is_zero() => return Ok(entries),
-                ReadPosition::New { .. } => {
-                    // Wait (without taking anything) for an entry after the last one the group
-                    // handed out, then read it with the lease checked.
-                    waited = true;
-                    let reader = self.reader(lease.partition).await?;
-                    let _: Value = reader
-                        .xread(
-                            Some(1),
-                            Some(block.as_millis().max(1) as u64),
-                            self.keys.ingest_stream(lease.partition),
-                            last_delivered,
-                        )
-                        .await?;
-                }
-            }
+            // Wait (without taking anything) for an entry after the last one the group
+            // handed out, then read it with the lease checked.
+            waited = true;
+            let reader = self.reader(lease.partition).await?;
+            let _: Value = reader
+                .xread(
+                    Some(1),
+                    Some(block.as_millis().max(1) as u64),
+                    self.keys.ingest_stream(lease.partition),
+                    last_delivered,
+                )
+                .await?;
         }
     }
 
@@ -425,6 +421,47 @@ impl Ingest for RedisIngest {
             return Err(BackplaneError::Fenced(lease.partition));
         }
         Ok(())
+    }
+
+    async fn renumber(
+        &self,
+        lease: &Lease,
+        room: ObjectId,
+        from: &str,
+        store_latest: u64,
+    ) -> Result<Renumbered, BackplaneError> {
+        let reply: Value = SCRIPTS
+            .renumber
+            .evalsha_with_reload(
+                &self.commands,
+                vec![
+                    self.keys.ingest_stream(lease.partition),
+                    self.keys.ingest_lease(lease.partition),
+                    self.keys.ingest_seq(lease.partition),
+                    self.keys.renumbered(&room, from),
+                ],
+                vec![
+                    lease.holder.clone(),
+                    self.keys.ingest_group().to_owned(),
+                    room.to_hex(),
+                    from.to_owned(),
+                    store_latest.to_string(),
+                    RENUMBERED_TTL.as_secs().to_string(),
+                    self.keys.appended_prefix(lease.partition),
+                ],
+            )
+            .await?;
+        if reply.as_i64() == Some(-1) {
+            return Err(BackplaneError::Fenced(lease.partition));
+        }
+        let text = reply.as_string().unwrap_or_default();
+        let parsed = text
+            .split_once(' ')
+            .and_then(|(upto, moved)| Some((upto.to_owned(), moved.parse().ok()?)));
+        let Some((upto, moved)) = parsed else {
+            return Err(BackplaneError::Malformed(format!("renumber: {text:?}")));
+        };
+        Ok(Renumbered { upto, moved })
     }
 
     async fn backlog(&self, partition: u16) -> Result<u64, BackplaneError> {
@@ -507,10 +544,24 @@ mod tests {
     fn idempotency_records() {
         let id = ObjectId::new();
         assert!(matches!(
-            parse_first(&format!("{} 1700000000000 7", id.to_hex())).unwrap(),
-            Appended::Duplicate { id: got, seq: 7, .. } if got == id
+            parse_first(&format!("{} 1700000000000 7", id.to_hex()), "h").unwrap(),
+            Appended::Duplicate { id: got, seq: 7, same_content: true, .. } if got == id
         ));
-        assert!(parse_first(&format!("{} 1700000000000", id.to_hex())).is_err());
-        assert!(parse_first("garbage").is_err());
+        assert!(matches!(
+            parse_first(&format!("{} 1700000000000 7 h", id.to_hex()), "h").unwrap(),
+            Appended::Duplicate {
+                same_content: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse_first(&format!("{} 1700000000000 7 other", id.to_hex()), "h").unwrap(),
+            Appended::Duplicate {
+                same_content: false,
+                ..
+            }
+        ));
+        assert!(parse_first(&format!("{} 1700000000000", id.to_hex()), "h").is_err());
+        assert!(parse_first("garbage", "h").is_err());
     }
 }

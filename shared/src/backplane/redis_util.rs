@@ -110,6 +110,7 @@ pub(super) struct Scripts {
     pub count: Script,
     pub uncount: Script,
     pub seed: Script,
+    pub renumber: Script,
 }
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -123,6 +124,7 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     count: Script::from_lua(include_str!("scripts/count.lua")),
     uncount: Script::from_lua(include_str!("scripts/uncount.lua")),
     seed: Script::from_lua(include_str!("scripts/seed.lua")),
+    renumber: Script::from_lua(include_str!("scripts/renumber.lua")),
 });
 
 /// A connected command client, after checking that Redis holds `keys`' partition count,
