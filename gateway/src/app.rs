@@ -10,7 +10,10 @@ use crate::settings::{Mode, Settings};
 use crate::socket::{self, Connections, SocketState};
 use anyhow::{Context, anyhow};
 use shared::admin::listen;
-use shared::backplane::{Backplane, MemoryBackplane, MissedSink, RedisBackplane, RoomEventSink};
+use shared::backplane::{
+    Backplane, MAX_IDEMPOTENCY_KEYS, MemoryBackplane, MemoryLimits, MissedSink, RedisBackplane,
+    RoomEventSink,
+};
 use shared::config::Secret;
 use shared::counters::{Counters, MemoryCounters, RedisCounters};
 use shared::jwt::JwtKeys;
@@ -196,7 +199,14 @@ impl Application {
                 None,
             ),
             Mode::Embedded => {
-                let memory = Arc::new(MemoryBackplane::new(sink));
+                let memory = Arc::new(MemoryBackplane::with_limits(
+                    sink,
+                    MemoryLimits {
+                        max_backlog: settings.ingest.max_backlog.max(1),
+                        idempotency_ttl: Duration::from_secs(settings.ingest.idempotency_ttl_secs),
+                        max_idempotency_keys: MAX_IDEMPOTENCY_KEYS,
+                    },
+                ));
                 let parts = Embedded {
                     backplane: memory.clone(),
                     store: store.clone(),
@@ -218,6 +228,7 @@ impl Application {
                 store.clone(),
                 backplane.clone(),
                 settings.membership_cache_rooms,
+                Duration::from_secs(settings.membership_cache_secs),
             )),
         };
         let rooms = RoomRegistry::new(

@@ -37,8 +37,9 @@ impl Chat {
     }
 
     /// `Ok` when `user` is a participant of `room`, from the membership cache: for checks
-    /// that need no more of the room (joining, sending and typing on a socket).
-    pub async fn check_member(&self, user: &ObjectId, room: ObjectId) -> Result<(), ChatError> {
+    /// that need no more of the room (joining, sending and typing on a socket). Answers the
+    /// room's count of removals the check is as new as.
+    pub async fn check_member(&self, user: &ObjectId, room: ObjectId) -> Result<u64, ChatError> {
         self.members.check(user, room).await
     }
 

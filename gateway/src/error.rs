@@ -173,3 +173,27 @@ impl IntoResponse for ChatError {
         response
     }
 }
+
+/// What a deserialisation error says, without the framework's preamble, positions or the
+/// names of internal types ("expected struct RegisterBody").
+pub fn serde_detail(text: &str) -> String {
+    let mut detail = text;
+    for preamble in [
+        "Failed to deserialize the JSON body into the target type: ",
+        "Failed to parse the request body as JSON: ",
+        "Failed to deserialize query string: ",
+    ] {
+        detail = detail.strip_prefix(preamble).unwrap_or(detail);
+    }
+    let detail = match detail.find(" at line ") {
+        Some(at) => &detail[..at],
+        None => detail,
+    };
+    match detail
+        .find(", expected struct ")
+        .or(detail.find(", expected a map"))
+    {
+        Some(at) => format!("{}, expected an object", &detail[..at]),
+        None => detail.to_owned(),
+    }
+}

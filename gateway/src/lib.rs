@@ -10,6 +10,7 @@ mod app;
 mod chat;
 #[cfg(test)]
 mod decode_props;
+mod delivery;
 mod drain;
 mod error;
 mod feed;
@@ -20,6 +21,8 @@ mod rooms;
 mod settings;
 mod socket;
 mod telemetry;
+#[cfg(test)]
+mod testing;
 mod user_lookup;
 
 pub use app::Application;
@@ -29,7 +32,7 @@ pub use settings::{Mode, Settings};
 /// `cargo bench`); not an API.
 #[doc(hidden)]
 pub mod fanout_bench {
-    pub use crate::rooms::{
+    pub use crate::delivery::{
         NAMESPACE, RoomSockets, emit_to_room, emit_typing, join, room_key, user_key,
     };
 }

@@ -7,7 +7,9 @@
 //! backplane (one Redis `HGET`, see `Backplane::members_version`): a removal raises it, so
 //! a list read before a removal is never trusted after it. Additions raise nothing; a user
 //! missing from the cached list has the room read again before being refused. Concurrent
-//! checks of an uncached room wait for one read.
+//! checks of an uncached room wait for one read. A list is trusted for `MEMBERSHIP_CACHE_SECS`
+//! at most, whatever the count says: a removal whose count never reached Redis (Redis failed
+//! right after the store's update) is seen within that time.
 
 use crate::error::ChatError;
 use shared::ObjectId;
@@ -15,6 +17,7 @@ use shared::backplane::Backplane;
 use shared::store::Store;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 
 type Participants = Arc<OnceCell<HashSet<ObjectId>>>;
@@ -24,35 +27,44 @@ pub struct MembershipCache {
     backplane: Arc<dyn Backplane>,
     /// Most rooms held; past it an arbitrary room is forgotten (read again when needed).
     max_rooms: usize,
-    /// Room → (removal count when read, its participants once read).
-    rooms: Mutex<HashMap<ObjectId, (u64, Participants)>>,
+    /// Longest a list is trusted (`MEMBERSHIP_CACHE_SECS`).
+    max_age: Duration,
+    /// Room → (removal count when read, when, its participants once read).
+    rooms: Mutex<HashMap<ObjectId, (u64, Instant, Participants)>>,
 }
 
 impl MembershipCache {
-    pub fn new(store: Arc<dyn Store>, backplane: Arc<dyn Backplane>, max_rooms: usize) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        backplane: Arc<dyn Backplane>,
+        max_rooms: usize,
+        max_age: Duration,
+    ) -> Self {
         Self {
             store,
             backplane,
             max_rooms: max_rooms.max(1),
+            max_age,
             rooms: Mutex::default(),
         }
     }
 
-    /// `Ok` when `user` is a participant of `room`; `NotFound` or `Forbidden` otherwise.
-    pub async fn check(&self, user: &ObjectId, room: ObjectId) -> Result<(), ChatError> {
+    /// `Ok` when `user` is a participant of `room`, with the room's count of removals the
+    /// answer is as new as; `NotFound` or `Forbidden` otherwise.
+    pub async fn check(&self, user: &ObjectId, room: ObjectId) -> Result<u64, ChatError> {
         let version = self.backplane.members_version(room).await?;
         let cell = self.cell(room, version, false);
         if self.read(&cell, room).await?.contains(user) {
             metrics::counter!("chat_gateway_membership_checks_total", "source" => "cache")
                 .increment(1);
-            return Ok(());
+            return Ok(version);
         }
         // Perhaps added since the list was read: read it again before refusing.
         let cell = self.cell(room, version, true);
         let found = self.read(&cell, room).await?.contains(user);
         metrics::counter!("chat_gateway_membership_checks_total", "source" => "store").increment(1);
         if found {
-            Ok(())
+            Ok(version)
         } else {
             Err(ChatError::Forbidden(
                 "you are not a participant of this room".into(),
@@ -60,11 +72,13 @@ impl MembershipCache {
         }
     }
 
-    /// The room's cell for `version`: the cached one unless it is older, or `fresh`.
+    /// The room's cell for `version`: the cached one unless it is older (by count or by
+    /// age), or `fresh`.
     fn cell(&self, room: ObjectId, version: u64, fresh: bool) -> Participants {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cached, cell)) = rooms.get(&room)
+        if let Some((cached, at, cell)) = rooms.get(&room)
             && *cached >= version
+            && at.elapsed() < self.max_age
             && !fresh
         {
             return cell.clone();
@@ -76,7 +90,7 @@ impl MembershipCache {
             rooms.remove(&evicted);
         }
         let cell = Participants::default();
-        rooms.insert(room, (version, cell.clone()));
+        rooms.insert(room, (version, Instant::now(), cell.clone()));
         cell
     }
 
@@ -103,7 +117,10 @@ impl MembershipCache {
 
     fn forget(&self, room: ObjectId, cell: &Participants) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        if rooms.get(&room).is_some_and(|(_, c)| Arc::ptr_eq(c, cell)) {
+        if rooms
+            .get(&room)
+            .is_some_and(|(_, _, c)| Arc::ptr_eq(c, cell))
+        {
             rooms.remove(&room);
         }
     }

@@ -1,113 +1,26 @@
-//! Which rooms have local members, and the fan-out of room events to them.
+//! Which rooms have local members, and the routing of room events to them.
 //!
-//! The gateway holds one Redis subscription per room with at least one local member: it
-//! subscribes on the first local join and unsubscribes after the last local member left,
-//! so a gateway receives only the traffic of its own rooms.
+//! The gateway holds one Redis subscription and one ordered feed ([`crate::feed`]) per room
+//! with at least one local member: it subscribes on the first local join and unsubscribes
+//! after the last local member left, so a gateway receives only the traffic of its own
+//! rooms. [`Fanout`] routes what the backplane delivers: messages to the room's feed,
+//! typing notices straight to the room's sockets, removals to the removed user's sockets.
 
+use crate::delivery::{self, NAMESPACE, emit_typing, user_key};
 use crate::error::ChatError;
-use crate::feed::{FeedHandle, FeedLimits};
+use crate::feed::{FeedContext, FeedHandle, FeedLimits};
 use crate::socket::session::Session;
-use serde::Serialize;
 use shared::ObjectId;
 use shared::backplane::Backplane;
 use shared::store::Store;
-use shared::wire::{ChatMessage, MemberRemoved, RoomEvent, UserTyping};
+use shared::wire::{MemberRemoved, RoomEvent};
 use socketioxide::SocketIo;
-use socketioxide::extract::SocketRef;
-use socketioxide::socket::DisconnectReason;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock, Weak};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 
-/// The Socket.IO namespace of the chat.
-pub const NAMESPACE: &str = "/chat";
-
-/// The local Socket.IO room of a chat room.
-pub fn room_key(room: &ObjectId) -> String {
-    room.to_hex()
-}
-
-/// The local Socket.IO room holding every socket of one user.
-pub fn user_key(user: &ObjectId) -> String {
-    format!("user:{}", user.to_hex())
-}
-
-/// Counts the changes to the local rooms' membership (a socket joining or leaving a room, a
-/// disconnect). A room's socket list taken before the latest change is listed again
-/// ([`RoomSockets`]).
-static MEMBERSHIP: AtomicU64 = AtomicU64::new(0);
-
-/// Adds a socket to a local Socket.IO room. Joins and leaves all go through here,
-/// [`leave`] and [`leave_all`], so that no room's socket list outlives a change.
-pub fn join(socket: &SocketRef, key: String) {
-    socket.join(key);
-    membership_changed();
-}
-
-/// Takes a socket out of a local Socket.IO room.
-pub fn leave(socket: &SocketRef, key: String) {
-    socket.leave(key);
-    membership_changed();
-}
-
-/// Takes a socket out of every local Socket.IO room.
-pub fn leave_all(socket: &SocketRef) {
-    socket.leave_all();
-    membership_changed();
-}
-
-/// Marks every room's socket list as out of date (also after a disconnect: socketioxide
-/// takes the socket out of its rooms itself).
-pub fn membership_changed() {
-    MEMBERSHIP.fetch_add(1, Ordering::AcqRel);
-}
-
-/// The local sockets of one room, listed once and reused while no socket joins or leaves a
-/// room here. socketioxide lists a room by looking every member up in the namespace (a lock
-/// and a hash per socket), which it would do again for every event of the room: 3 to 6% of
-/// a gateway's CPU under fan-out (docs/BENCHMARKS.md).
-pub struct RoomSockets {
-    /// The room's local Socket.IO room ([`room_key`]).
-    key: String,
-    listed: StdMutex<Option<(u64, Arc<[SocketRef]>)>>,
-}
-
-impl RoomSockets {
-    pub fn new(key: String) -> Self {
-        Self {
-            key,
-            listed: StdMutex::new(None),
-        }
-    }
-
-    /// The room's connected local sockets.
-    pub fn get(&self, io: &SocketIo) -> Arc<[SocketRef]> {
-        // Read before listing: a change that lands while the list is taken makes the next
-        // call list again.
-        let now = MEMBERSHIP.load(Ordering::Acquire);
-        let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((taken, sockets)) = listed.as_ref()
-            && *taken == now
-        {
-            return sockets.clone();
-        }
-        let mut sockets = match io.of(NAMESPACE) {
-            Some(ns) => ns.to(self.key.clone()).sockets(),
-            None => Vec::new(),
-        };
-        // A closing socket is still in its rooms until its disconnect handler has run.
-        sockets.retain(|s| s.connected());
-        let sockets: Arc<[SocketRef]> = sockets.into();
-        *listed = Some((now, sockets.clone()));
-        sockets
-    }
-
-    /// Lets go of the list (and of the sockets in it) until the next event of the room.
-    pub fn clear(&self) {
-        *self.listed.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-}
+/// Store reads of all feeds of a gateway at once, at most (see [`FeedContext::reads`]).
+const FEED_STORE_READS: usize = 32;
 
 /// A room's local members, counted.
 #[derive(Default)]
@@ -119,12 +32,13 @@ struct Slot {
 }
 
 /// Reference counts of local members per room, kept in step with Redis subscriptions, and
-/// the ordered feed ([`crate::feed`]) of every room with local members.
+/// the ordered feed of every room with local members.
 pub struct RoomRegistry {
     backplane: Arc<dyn Backplane>,
     store: Arc<dyn Store>,
     limits: FeedLimits,
-    io: OnceLock<SocketIo>,
+    /// Made when the Socket.IO server is attached.
+    context: OnceLock<Arc<FeedContext>>,
     myself: Weak<RoomRegistry>,
     /// One slot per room with local members. Each has its own async lock: the first join of
     /// a room waits for the subscription and the store while holding its room's lock only,
@@ -144,7 +58,7 @@ impl RoomRegistry {
             backplane,
             store,
             limits,
-            io: OnceLock::new(),
+            context: OnceLock::new(),
             myself: myself.clone(),
             members: StdMutex::default(),
             feeds: RwLock::new(HashMap::new()),
@@ -153,7 +67,20 @@ impl RoomRegistry {
 
     /// The Socket.IO server exists after the registry; it is attached then.
     pub fn attach(&self, io: SocketIo) {
-        let _ = self.io.set(io);
+        let myself = self.myself.clone();
+        let release: Arc<dyn Fn(ObjectId) + Send + Sync> = Arc::new(move |room| {
+            if let Some(registry) = myself.upgrade() {
+                tokio::spawn(async move { registry.release(room).await });
+            }
+        });
+        let _ = self.context.set(Arc::new(FeedContext {
+            store: self.store.clone(),
+            backplane: self.backplane.clone(),
+            io,
+            limits: self.limits,
+            reads: Arc::new(Semaphore::new(FEED_STORE_READS)),
+            release,
+        }));
     }
 
     /// The slot of a room, made when missing.
@@ -203,8 +130,8 @@ impl RoomRegistry {
 
     /// Subscribes to a room and starts its feed.
     async fn start_feed(&self, room: ObjectId) -> Result<FeedHandle, ChatError> {
-        let io = self
-            .io
+        let context = self
+            .context
             .get()
             .cloned()
             .ok_or_else(|| ChatError::Unavailable("gateway still starting".into()))?;
@@ -220,14 +147,7 @@ impl RoomRegistry {
                 return Err(error.into());
             }
         };
-        let feed = FeedHandle::start(
-            room,
-            latest,
-            self.store.clone(),
-            io,
-            self.myself.clone(),
-            self.limits,
-        );
+        let feed = FeedHandle::start(room, latest, context);
         self.feeds
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -289,26 +209,22 @@ impl RoomRegistry {
             .cloned()
     }
 
-    /// Asks every local room's feed to compare itself with the store (events may have been
-    /// lost).
-    pub fn check_all(&self) {
+    /// Every local room's feed catches up with the store (events may have been lost).
+    pub fn catch_up_all(&self) {
         let feeds = self.feeds.read().unwrap_or_else(|e| e.into_inner());
         tracing::info!(
             rooms = feeds.len(),
-            "room events may have been missed: checking every local room against the store"
+            "room events may have been missed: every local room catches up with the store"
         );
         for feed in feeds.values() {
-            feed.check();
+            feed.catch_up();
         }
     }
 }
 
 /// Routes room events to the local sockets of their room: messages through the room's
-/// feed (ordered and repaired), typing notices straight to the sockets.
-///
-/// Each socket has a bounded buffer (`SOCKET_BUFFER_SIZE`). A socket whose buffer is full
-/// is a slow consumer: it is disconnected (so its client reconnects and catches up with
-/// `afterSeq`) rather than silently missing a message.
+/// feed (ordered and repaired), typing notices straight to the sockets, removals to the
+/// removed user's sockets.
 pub struct Fanout {
     io: OnceLock<SocketIo>,
     rooms: OnceLock<Arc<RoomRegistry>>,
@@ -335,28 +251,27 @@ impl Fanout {
         let _ = self.rooms.set(rooms);
     }
 
-    /// Events may have been lost: every local room checks itself against the store.
+    /// Events may have been lost: every local room catches up with the store.
     pub fn missed(&self) {
         if let Some(rooms) = self.rooms.get() {
-            rooms.check_all();
+            rooms.catch_up_all();
         }
     }
 
     /// Makes a removed participant's local sockets leave the room, and forgets that the
-    /// user was allowed in it (so `send_message` and `typing` ask the store again).
+    /// user was allowed in it (so `send_message` and `typing` ask the store again). The
+    /// room's feed does the same on its own when this notice is lost (`membersVersion`).
     fn remove_member(&self, io: &SocketIo, removed: &MemberRemoved) {
         let Some(ns) = io.of(NAMESPACE) else { return };
         for socket in ns.to(user_key(&removed.user_id)).sockets() {
-            let Some(session) = socket.extensions.get::<Arc<Session>>() else {
-                continue;
-            };
-            session.forget(&removed.room_id);
-            if session.record_leave(&removed.room_id) {
-                leave(&socket, room_key(&removed.room_id));
-                if let Some(rooms) = self.rooms.get() {
-                    let (rooms, room) = (rooms.clone(), removed.room_id);
-                    tokio::spawn(async move { rooms.release(room).await });
-                }
+            if let Some(session) = socket.extensions.get::<Arc<Session>>() {
+                session.forget(&removed.room_id);
+            }
+            if delivery::leave_room(&socket, &removed.room_id)
+                && let Some(rooms) = self.rooms.get()
+            {
+                let (rooms, room) = (rooms.clone(), removed.room_id);
+                tokio::spawn(async move { rooms.release(room).await });
             }
         }
         tracing::info!(user_id = %removed.user_id, room_id = %removed.room_id, "participant removed");
@@ -364,182 +279,219 @@ impl Fanout {
 
     pub fn deliver(&self, event: RoomEvent) {
         let Some(io) = self.io.get() else { return };
-        let (messages, members_version) = match event {
-            RoomEvent::MemberRemoved(removed) => return self.remove_member(io, &removed),
+        // No feed: no local member any more (the unsubscription is under way).
+        let feed = |room: &ObjectId| self.rooms.get().and_then(|rooms| rooms.feed(room));
+        match event {
+            RoomEvent::MemberRemoved(removed) => self.remove_member(io, &removed),
             RoomEvent::Typing(typing) => {
-                // No feed: no local member any more (the unsubscription is under way).
-                if let Some(feed) = self.rooms.get().and_then(|r| r.feed(&typing.room_id)) {
+                if let Some(feed) = feed(&typing.room_id) {
                     emit_typing(io, &feed.sockets, &typing);
                 }
-                return;
             }
-            RoomEvent::Message(message) => (vec![message], None),
-            RoomEvent::Messages(batch) => (batch.messages, batch.members_version),
-        };
-        let Some(room) = messages.first().map(|m| m.room_id) else {
-            return;
-        };
-        // No feed: no local member any more (the unsubscription is under way).
-        if let Some(feed) = self.rooms.get().and_then(|rooms| rooms.feed(&room)) {
-            feed.deliver(messages, members_version);
-        }
-    }
-}
-
-/// Emits `message` to every local socket of a room.
-pub fn emit_to_room(io: &SocketIo, sockets: &RoomSockets, message: &ChatMessage) {
-    emit_serialised(sockets.get(io).iter(), "message", message);
-}
-
-/// Emits `user_typing` to every local socket of the room but the typing user's own.
-pub fn emit_typing(io: &SocketIo, sockets: &RoomSockets, typing: &UserTyping) {
-    let Some(ns) = io.of(NAMESPACE) else { return };
-    let typist: Vec<_> = ns
-        .to(user_key(&typing.user_id))
-        .sockets()
-        .iter()
-        .map(|s| s.id)
-        .collect();
-    let room = sockets.get(io);
-    let others = room.iter().filter(|s| !typist.contains(&s.id));
-    emit_serialised(others, "user_typing", typing);
-}
-
-/// Emits one event to the given sockets, encoded once for all of them: every socket's
-/// buffer gets a reference to the same packet, and each send still says whether that
-/// socket's buffer was full (the slow-consumer policy needs to know whose; socketioxide's
-/// broadcast does not say, vendor/socketioxide/PATCH.md).
-fn emit_serialised<'a, T: Serialize>(
-    sockets: impl Iterator<Item = &'a SocketRef>,
-    name: &'static str,
-    payload: &T,
-) {
-    let mut sockets = sockets.peekable();
-    let Some(first) = sockets.peek() else { return };
-    let packet = match first.encode_event(name, payload) {
-        Ok(packet) => packet,
-        Err(error) => {
-            tracing::error!(%error, "room event not serialisable");
-            return;
-        }
-    };
-    let mut delivered = 0u64;
-    for socket in sockets {
-        match socket.emit_encoded(&packet) {
-            Ok(()) => delivered += 1,
-            Err(socketioxide::SocketError::InternalChannelFull) => {
-                disconnect_slow_consumer(socket.clone(), name);
-            }
-            Err(error) => tracing::debug!(socket = %socket.id, %error, "emit to closed socket"),
-        }
-    }
-    metrics::counter!("chat_gateway_deliveries_total", "event" => name).increment(delivered);
-}
-
-/// A socket whose buffer is full is cut off: it leaves every room at once (so it gets
-/// nothing more, and what it got is a gap-free prefix), then is disconnected as soon as
-/// its buffer has room for the disconnect packet, or by the heartbeat (the client cannot
-/// answer pings it does not receive) at the latest.
-fn disconnect_slow_consumer(socket: SocketRef, event: &str) {
-    metrics::counter!("chat_gateway_slow_consumer_disconnects_total").increment(1);
-    tracing::warn!(socket = %socket.id, event, "slow consumer: buffer full, disconnecting");
-    leave_all(&socket);
-    let Some(session) = socket.extensions.get::<Arc<Session>>() else {
-        return;
-    };
-    tokio::spawn(async move {
-        loop {
-            match socket.clone().disconnect() {
-                Err(socketioxide::SocketError::InternalChannelFull) => {}
-                _ => return,
-            }
-            tokio::select! {
-                _ = session.closed.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            RoomEvent::Messages(batch) => {
+                if let Some(feed) = feed(&batch.room_id) {
+                    feed.deliver(batch.messages, batch.members_version);
+                }
             }
         }
-    });
-}
-
-/// A bounded label for a disconnect reason.
-pub fn reason_label(reason: &DisconnectReason) -> &'static str {
-    match reason {
-        DisconnectReason::TransportClose => "transport_close",
-        DisconnectReason::MultipleHttpPollingError => "multiple_polling",
-        DisconnectReason::PacketParsingError => "packet_parsing",
-        DisconnectReason::TransportError => "transport_error",
-        DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
-        DisconnectReason::ClientNSDisconnect => "client_disconnect",
-        DisconnectReason::ServerNSDisconnect => "server_disconnect",
-        DisconnectReason::ClosingServer => "server_closing",
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::room_key;
+    use crate::feed::{Join, Replayed};
+    use crate::testing::{ProbedStore, numbered, server};
+    use shared::backplane::MemoryBackplane;
+    use shared::store::SequencedMessage;
+    use shared::wire::ChatMessage;
+    use socketioxide::extract::SocketRef;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tokio::sync::mpsc::Receiver;
 
-    /// A `/chat` namespace whose disconnects are handled as the gateway's are.
-    fn server() -> SocketIo {
-        let (_layer, io) = SocketIo::builder().build_layer();
-        io.ns(NAMESPACE, async |s: SocketRef| {
-            s.on_disconnect(async || membership_changed());
-        });
-        io
+    type Packets = Receiver<engineioxide::Packet>;
+
+    fn registry(store: Arc<ProbedStore>, io: &SocketIo, gap_repair_max: u64) -> Arc<RoomRegistry> {
+        let backplane = Arc::new(MemoryBackplane::new(Arc::new(|_| {})));
+        let registry = RoomRegistry::new(
+            backplane,
+            store,
+            FeedLimits {
+                gap_repair_max,
+                replay_limit: 100,
+            },
+        );
+        registry.attach(io.clone());
+        registry
     }
 
-    fn ids<'a>(sockets: impl IntoIterator<Item = &'a SocketRef>) -> Vec<socketioxide::socket::Sid> {
-        let mut ids: Vec<_> = sockets.into_iter().map(|s| s.id).collect();
-        ids.sort();
-        ids
+    /// A socket of `user`, connected (its connect packet taken).
+    async fn connect(io: &SocketIo, user: ObjectId) -> (SocketRef, Packets) {
+        let (_tx, mut rx) = io.new_dummy_sock(NAMESPACE, user.to_hex()).await;
+        rx.recv().await.expect("connected");
+        let socket = io
+            .of(NAMESPACE)
+            .expect("namespace")
+            .sockets()
+            .into_iter()
+            .find(|s| {
+                s.extensions
+                    .get::<Arc<Session>>()
+                    .is_some_and(|session| session.user.id == user)
+            })
+            .expect("the socket");
+        (socket, rx)
     }
 
-    #[tokio::test]
-    async fn a_rooms_socket_list_follows_joins_leaves_and_disconnects() {
-        let io = server();
-        let mut receivers = Vec::new();
-        for _ in 0..3 {
-            let (tx, mut rx) = io.new_dummy_sock(NAMESPACE, ()).await;
-            rx.recv().await.expect("connected");
-            receivers.push((tx, rx));
+    /// Joins a socket to a room as `join_room` does, checked at `checked_version`.
+    async fn join(
+        registry: &RoomRegistry,
+        socket: &SocketRef,
+        room: ObjectId,
+        checked_version: u64,
+    ) -> Result<Replayed, ChatError> {
+        let feed = registry.acquire(room).await?;
+        let session = socket.extensions.get::<Arc<Session>>().expect("session");
+        assert!(session.record_join(room));
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let join = Join {
+            socket: socket.clone(),
+            after_seq: None,
+            checked_version,
+        };
+        feed.join(join, Box::new(move |r| drop(done.send(r)))).await;
+        answer.await.expect("answered")
+    }
+
+    /// The names of the events waiting for a socket.
+    fn events(rx: &mut Packets) -> Vec<String> {
+        let mut names = Vec::new();
+        while let Ok(packet) = rx.try_recv() {
+            let text = format!("{packet:?}");
+            for name in ["message", "resync"] {
+                if text.contains(&format!("[\\\"{name}\\\"")) {
+                    names.push(name.to_owned());
+                }
+            }
         }
-        let all = io.of(NAMESPACE).expect("namespace").sockets();
-        let (a, b, c) = (&all[0], &all[1], &all[2]);
-        let key = "room".to_string();
-        let list = RoomSockets::new(key.clone());
-        assert!(list.get(&io).is_empty());
+        names
+    }
 
-        join(a, key.clone());
-        join(b, key.clone());
-        let first = list.get(&io);
-        assert_eq!(ids(first.iter()), ids([a, b]));
-        // Nothing changed: the same list, not listed again.
-        assert!(Arc::ptr_eq(&first, &list.get(&io)));
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: not within 10 s");
+    }
 
-        join(c, key.clone());
-        assert_eq!(ids(list.get(&io).iter()), ids(&all));
-        leave(a, key.clone());
-        assert_eq!(ids(list.get(&io).iter()), ids([b, c]));
-        leave_all(b);
-        assert_eq!(ids(list.get(&io).iter()), ids([c]));
-
-        // A disconnect (socketioxide takes the socket out of its rooms itself).
-        list.get(&io);
-        c.clone().disconnect().expect("disconnect");
-        // The disconnect handler runs on a task of its own (on this thread: when this yields).
+    /// After a pub/sub reconnect every local room catches up with the store at once; the
+    /// reads are bounded, not one per room all at the same moment.
+    #[tokio::test]
+    async fn catching_up_reads_the_store_a_bounded_number_at_a_time() {
+        let store = ProbedStore::new(Duration::from_millis(20));
+        let io = server(16);
+        let registry = registry(store.clone(), &io, 1000);
         for _ in 0..100 {
-            if list.get(&io).is_empty() {
-                break;
+            registry.acquire(ObjectId::new()).await.unwrap();
+        }
+        store.reads.store(0, Ordering::SeqCst);
+        store.most_in_flight.store(0, Ordering::SeqCst);
+        registry.catch_up_all();
+        until("every room caught up", || {
+            store.reads.load(Ordering::SeqCst) >= 100
+        })
+        .await;
+        let most = store.most_in_flight.load(Ordering::SeqCst);
+        assert!(
+            (2..=FEED_STORE_READS).contains(&most),
+            "{most} reads at once"
+        );
+        assert_eq!(store.reads.load(Ordering::SeqCst), 100, "one read per room");
+    }
+
+    /// A `resync` that finds the socket's buffer full cuts the socket off as a slow consumer
+    /// (it leaves every room, its own user's too), rather than leaving it in the dark.
+    #[tokio::test]
+    async fn a_resync_that_finds_a_full_buffer_cuts_the_socket_off() {
+        let store = ProbedStore::new(Duration::ZERO);
+        let io = server(2);
+        let registry = registry(store, &io, 1);
+        let (user, room) = (ObjectId::new(), ObjectId::new());
+        let (socket, _rx) = connect(&io, user).await;
+        crate::delivery::join(&socket, crate::delivery::user_key(&user));
+        join(&registry, &socket, room, 0).await.unwrap();
+        // Fill the socket's buffer: its reader takes nothing.
+        let mut full = 0;
+        while full < 3 {
+            match socket.emit("filler", &0) {
+                Ok(()) => full = 0,
+                Err(_) => full += 1,
             }
             tokio::task::yield_now().await;
         }
-        assert!(list.get(&io).is_empty());
+        // A gap beyond GAP_REPAIR_MAX (1): resync.
+        let feed = registry.feed(&room).unwrap();
+        feed.deliver(vec![numbered(room, 3)], None);
+        until("the socket left every room", || socket.rooms().is_empty()).await;
+        let session = socket.extensions.get::<Arc<Session>>().unwrap();
+        assert!(!session.is_joined(&room));
+    }
 
-        // Cleared: the sockets are let go.
-        join(a, key.clone());
-        list.get(&io);
-        list.clear();
-        assert!(list.listed.lock().unwrap().is_none());
-        assert_eq!(ids(list.get(&io).iter()), ids([a]));
+    /// A removal whose participants cannot be read: nothing more is delivered to the room's
+    /// sockets (one of them may be the removed user); they get `resync` instead.
+    #[tokio::test]
+    async fn unreadable_participants_after_a_removal_stop_delivery_with_resync() {
+        let store = ProbedStore::new(Duration::ZERO);
+        let io = server(64);
+        let registry = registry(store.clone(), &io, 1000);
+        let (removed, staying) = (ObjectId::new(), ObjectId::new());
+        let room = store
+            .create_room(None, vec![staying, removed])
+            .await
+            .unwrap()
+            .id;
+        let (a, mut a_rx) = connect(&io, removed).await;
+        let (b, mut b_rx) = connect(&io, staying).await;
+        join(&registry, &a, room, 0).await.unwrap();
+        join(&registry, &b, room, 0).await.unwrap();
+        store.remove_participant(room, removed).await.unwrap();
+        let stored = |m: &ChatMessage| SequencedMessage {
+            seq: m.seq.unwrap() as i64,
+            message: m.clone(),
+        };
+        let (first, second) = (numbered(room, 1), numbered(room, 2));
+        store.insert_messages(&[stored(&first)]).await.unwrap();
+        store.refuse.store(true, Ordering::SeqCst);
+        let feed = registry.feed(&room).unwrap();
+        // The batch counts one removal; its notice never came.
+        feed.deliver(vec![first], Some(1));
+        until("both sockets left the room", || {
+            a.rooms().is_empty() && b.rooms().is_empty()
+        })
+        .await;
+        assert_eq!(events(&mut a_rx), ["resync"]);
+        assert_eq!(events(&mut b_rx), ["resync"]);
+        // Readable again: the next batch goes to whoever is in the room, and a join of the
+        // removed user checked before the removal is checked again and refused.
+        store.refuse.store(false, Ordering::SeqCst);
+        join(&registry, &b, room, 1).await.unwrap();
+        // Everyone left: the room has a new feed.
+        let feed = registry.feed(&room).unwrap();
+        store.insert_messages(&[stored(&second)]).await.unwrap();
+        feed.deliver(vec![second], Some(1));
+        until("the staying user got it", || !b_rx.is_empty()).await;
+        assert_eq!(events(&mut b_rx), ["message"]);
+        let refused = join(&registry, &a, room, 0).await;
+        assert!(
+            matches!(refused, Err(ChatError::Forbidden(_))),
+            "{refused:?}"
+        );
+        assert!(events(&mut a_rx).is_empty());
+        assert!(!a.rooms().contains(&room_key(&room).into()));
     }
 }

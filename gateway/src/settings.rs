@@ -75,7 +75,7 @@ pub struct Settings {
     #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value_t = 100_000)]
     pub max_payload_bytes: u64,
     /// How long a verified room membership is trusted by a socket before MongoDB is asked
-    /// again, in seconds.
+    /// again, and a gateway's cached participant list at most, in seconds.
     #[arg(long, env = "MEMBERSHIP_CACHE_SECS", default_value_t = 30)]
     pub membership_cache_secs: u64,
     /// Rooms whose participants a gateway keeps for the checks of joins and sends (read

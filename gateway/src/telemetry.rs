@@ -50,6 +50,18 @@ pub fn describe() {
         "Times the Redis subscriber connection came back and every room channel was subscribed again."
     );
     describe_counter!(
+        "chat_gateway_resubscribe_failures_total",
+        "Resubscriptions after a Redis reconnect that Redis refused (tried again until they succeed; the gateway is not ready meanwhile)."
+    );
+    describe_counter!(
+        "chat_gateway_append_repeats_total",
+        "Appends run a second time by the Redis client after a reconnect, recognised by the message's id and answered with its first number."
+    );
+    describe_counter!(
+        "chat_gateway_idempotency_evictions_total",
+        "clientMsgId records the embedded mode forgot before their time because it held the most it keeps."
+    );
+    describe_counter!(
         "chat_gateway_ingest_full_total",
         "Sends refused because their ingest partition held INGEST_MAX_BACKLOG entries."
     );

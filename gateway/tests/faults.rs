@@ -516,3 +516,48 @@ async fn a_gateway_stays_ready_while_mongodb_is_unreachable() {
     proxy.restore();
     assert_eq!(a.next("message").await["id"], ack["id"]);
 }
+
+/// A resubscription that Redis refuses after a reconnect (here a permission taken away; in
+/// life `LOADING` after a restart, `CLUSTERDOWN` or `TRYAGAIN` during a failover) is tried
+/// again until it succeeds: the gateways are unready meanwhile, ready again once it does,
+/// and deliver across gateways again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_resubscription_is_tried_again_until_it_succeeds() {
+    let app = TestApp::spawn(2).await;
+    if app.skip_when_embedded("no Redis") || app.skip_when_cluster("one node's ACL") {
+        return;
+    }
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let b = app.member(1, &bob, &[&room]).await;
+
+    app.redis
+        .cli(&["ACL", "SETUSER", "default", "-ssubscribe"])
+        .await;
+    app.redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    for gw in &app.gateways {
+        eventually(
+            "a refused resubscription",
+            Duration::from_secs(10),
+            || async {
+                metric(gw.admin_port, "chat_gateway_resubscribe_failures_total")
+                    .await
+                    .unwrap_or(0.0)
+                    >= 2.0
+            },
+        )
+        .await;
+        let url = format!("http://127.0.0.1:{}/readyz", gw.admin_port);
+        assert!(!reqwest::get(&url).await.unwrap().status().is_success());
+    }
+    app.redis
+        .cli(&["ACL", "SETUSER", "default", "+ssubscribe"])
+        .await;
+    for gw in &app.gateways {
+        wait_ready(gw.admin_port).await;
+    }
+    let sent = send_quickly(&mut a, &room, 1).await;
+    assert_eq!(b.next("message").await["id"], sent[0]);
+}

@@ -15,9 +15,8 @@ use common::servers::redis_cli;
 use common::sio::{SioClient, TIMEOUT};
 use common::{TestApp, chat_message, eventually, metric, send_quickly, wait_ready};
 use serde_json::{Value, json};
-use shared::backplane::Keys;
+use shared::backplane::{Keys, group_by_room};
 use shared::store::{SequencedMessage, Store};
-use shared::wire::RoomEvent;
 use std::time::{Duration, Instant};
 
 /// Stores messages `seqs` of `room` directly, as a persister would, without publishing them.
@@ -58,7 +57,7 @@ async fn store_and_publish(app: &TestApp, room: &str, seq: u64) -> Value {
         .messages_after(room.parse().unwrap(), seq - 1, 1)
         .await
         .unwrap();
-    let event = serde_json::to_string(&RoomEvent::Message(stored[0].clone())).unwrap();
+    let event = serde_json::to_string(&group_by_room(&stored)[0]).unwrap();
     let channel = Keys::new(&app.prefix, 16).room_channel(&room.parse().unwrap());
     redis_cli(app.redis_port(), &["SPUBLISH", &channel, &event]).await;
     ids[0].clone()
@@ -122,6 +121,43 @@ async fn a_hole_before_a_live_message_is_filled_from_the_store_first() {
     }
     assert_eq!(take_in_seq(&b, 8, 1).await, lost_last);
     assert!(b.pending("message").is_empty());
+}
+
+/// A replay never goes past a hole: while a message of the range is not stored yet (a batch
+/// stored in part, its first message still being retried), `join_room {afterSeq}` reads
+/// again a few times and is then refused with `UNAVAILABLE`, having replayed nothing. Once
+/// the hole is stored, the same join replays every message of the range, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_stops_at_a_hole_and_is_given_whole_once_the_hole_is_stored() {
+    let app = TestApp::spawn(2).await;
+    if app.skip_when_embedded("stores directly into MongoDB") {
+        return;
+    }
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let sent = send_quickly(&mut a, &room, 5).await;
+    common::receive_until(&a, &sent[4]).await;
+    let later = store_only(&app, &room, 7..=8).await;
+
+    // Bob's gateway has no feed of the room yet: it starts at the store's latest, 8.
+    let mut b = app.member(1, &bob, &[]).await;
+    let refused = b
+        .request("join_room", json!({ "roomId": room, "afterSeq": 5 }))
+        .await;
+    assert_eq!(refused["ok"], json!(false), "{refused}");
+    assert_eq!(refused["error"]["code"], json!("UNAVAILABLE"));
+    assert_eq!(b.count("message"), 0, "nothing replayed past the hole");
+
+    let mut expected = store_only(&app, &room, 6..=6).await;
+    expected.extend(later);
+    let ack = b
+        .request("join_room", json!({ "roomId": room, "afterSeq": 5 }))
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert_eq!(ack["replayed"], json!(3));
+    assert_eq!(take_in_seq(&b, 6, 3).await, expected);
 }
 
 /// Redis's counter falls behind the store (as after a failover to a replica that missed the

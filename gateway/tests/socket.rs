@@ -6,6 +6,8 @@ use common::sio::SioClient;
 use common::{JWT_SECRET, TestApp};
 use serde_json::{Value, json};
 use shared::jwt::{Claims, JwtKeys};
+use shared::store::Store;
+use std::time::{Duration, Instant};
 
 fn hex24(v: &Value) -> bool {
     v.as_str()
@@ -769,7 +771,7 @@ async fn event_rate_and_connections_per_user_are_limited() {
     );
 
     // Its slot is free again once the server has seen it go.
-    let deadline = std::time::Instant::now() + common::sio::TIMEOUT;
+    let deadline = Instant::now() + common::sio::TIMEOUT;
     loop {
         if SioClient::connect(app.port(g), Some(json!({ "token": ann })), &[])
             .await
@@ -778,7 +780,7 @@ async fn event_rate_and_connections_per_user_are_limited() {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "the closed connection's slot was not freed"
         );
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
@@ -1177,4 +1179,49 @@ async fn an_ack_id_too_large_is_refused_before_the_event_runs() {
     let next = b.next("message").await;
     assert_eq!(next["id"], ack["id"]);
     assert_eq!(next["seq"], json!(1), "the refused one was not stored");
+}
+
+/// A removal whose count never reached Redis (Redis failed right after the store took the
+/// participant out; the caller got 503) cannot leave a gateway trusting its cached list for
+/// ever: the list is read again after `MEMBERSHIP_CACHE_SECS` at most. And the removed
+/// user's own retry completes what failed: 204, and every gateway is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_that_never_reached_redis_is_seen_within_the_cache_time_and_its_retry_completes_it()
+ {
+    let mut app = TestApp::spawn(0).await;
+    if app.skip_when_embedded("the store is written directly") {
+        return;
+    }
+    app.add_gateway_with(|s| s.membership_cache_secs = 1).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut b = app.member(0, &bob, &[&room]).await;
+    // The store has the removal; Redis has neither its count nor its notice.
+    app.store()
+        .await
+        .remove_participant(room.parse().unwrap(), bob_id.parse().unwrap())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ack = b.request("join_room", json!({ "roomId": room })).await;
+        if ack["error"]["code"] == json!("FORBIDDEN") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the removed user may still join: {ack}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Bob retries his own removal (he left, and his client saw a 503): it completes.
+    let path = format!("/chat/rooms/{room}/participants/{bob_id}");
+    let (status, body) = app.call("DELETE", &path, Some(&bob), None).await;
+    assert_eq!(status, reqwest::StatusCode::NO_CONTENT, "{body}");
+    // Someone who never was a participant still cannot remove others.
+    let (carol, _) = app.user("carol").await;
+    let path = format!("/chat/rooms/{room}/participants/{ann_id}");
+    let (status, _) = app.call("DELETE", &path, Some(&carol), None).await;
+    assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
 }

@@ -47,6 +47,10 @@ pub fn describe_metrics() {
         "Failed steps (read, insert, complete) that are being retried, by step."
     );
     describe_counter!(
+        "chat_persister_renumbered_total",
+        "Messages numbered again after the store's latest because Redis's counter had given numbers the store holds (after a failover or a Redis restart that lost writes)."
+    );
+    describe_counter!(
         "chat_persister_invalid_entries_total",
         "Undecodable ingest entries, logged and acknowledged."
     );

@@ -8,7 +8,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use shared::ObjectId;
 use shared::backplane::stream_seq;
-use shared::wire::{ChatMessage, RoomEvent, Sender, UserTyping, now_millis};
+use shared::wire::{ChatMessage, MessageBatch, RoomEvent, Sender, UserTyping, now_millis};
 use std::hint::black_box;
 
 fn message() -> ChatMessage {
@@ -26,6 +26,15 @@ fn message() -> ChatMessage {
     }
 }
 
+/// One message as a persister publishes it.
+fn batch(m: ChatMessage) -> RoomEvent {
+    RoomEvent::Messages(MessageBatch {
+        room_id: m.room_id,
+        messages: vec![m],
+        members_version: Some(0),
+    })
+}
+
 fn encode(c: &mut Criterion) {
     let m = message();
     let mut g = c.benchmark_group("encode");
@@ -33,7 +42,7 @@ fn encode(c: &mut Criterion) {
     g.bench_function("message payload (once per room)", |b| {
         b.iter(|| serde_json::value::to_raw_value(black_box(&m)).unwrap())
     });
-    let event = RoomEvent::Message(m.clone());
+    let event = batch(m.clone());
     g.bench_function("room event for the channel", |b| {
         b.iter(|| serde_json::to_vec(black_box(&event)).unwrap())
     });
@@ -48,7 +57,7 @@ fn encode(c: &mut Criterion) {
 }
 
 fn decode(c: &mut Criterion) {
-    let event = serde_json::to_vec(&RoomEvent::Message(message())).unwrap();
+    let event = serde_json::to_vec(&batch(message())).unwrap();
     let mut g = c.benchmark_group("decode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("room event from the channel", |b| {

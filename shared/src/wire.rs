@@ -51,10 +51,9 @@ pub struct UserTyping {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum RoomEvent {
-    /// A persisted message, to be emitted as `message` to every local member.
-    Message(ChatMessage),
-    /// Persisted messages of one room, in order: what a persister publishes per room and
-    /// batch (one `SPUBLISH` for the room, not one per message).
+    /// Persisted messages of one room, in order, each emitted as `message` to every local
+    /// member: what a persister publishes per room and batch (one `SPUBLISH` for the room,
+    /// not one per message).
     Messages(MessageBatch),
     /// A typing notice, emitted as `user_typing` to every local member but the typer.
     Typing(UserTyping),
@@ -93,7 +92,6 @@ pub struct MemberRemoved {
 impl RoomEvent {
     pub fn room_id(&self) -> ObjectId {
         match self {
-            RoomEvent::Message(m) => m.room_id,
             RoomEvent::Messages(b) => b.room_id,
             RoomEvent::Typing(t) => t.room_id,
             RoomEvent::MemberRemoved(r) => r.room_id,
@@ -187,7 +185,11 @@ mod tests {
                 "createdAt": "2026-11-24T10:00:00.100Z"
             })
         );
-        let event = RoomEvent::Message(msg.clone());
+        let event = RoomEvent::Messages(MessageBatch {
+            room_id: msg.room_id,
+            messages: vec![msg.clone()],
+            members_version: None,
+        });
         let back: RoomEvent =
             serde_json::from_str(&serde_json::to_string(&event).unwrap()).unwrap();
         assert_eq!(back.room_id(), msg.room_id);

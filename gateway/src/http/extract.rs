@@ -1,6 +1,6 @@
 //! Request extractors whose rejections use the API's error shape.
 
-use crate::error::ChatError;
+use crate::error::{ChatError, serde_detail};
 use crate::http::HttpState;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -74,33 +74,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     }
 }
 
-/// What a deserialisation error says, without the framework's preamble, positions or the
-/// names of internal types ("expected struct RegisterBody").
-pub fn serde_detail(text: &str) -> String {
-    let mut detail = text;
-    for preamble in [
-        "Failed to deserialize the JSON body into the target type: ",
-        "Failed to parse the request body as JSON: ",
-        "Failed to deserialize query string: ",
-    ] {
-        detail = detail.strip_prefix(preamble).unwrap_or(detail);
-    }
-    let detail = match detail.find(" at line ") {
-        Some(at) => &detail[..at],
-        None => detail,
-    };
-    match detail
-        .find(", expected struct ")
-        .or(detail.find(", expected a map"))
-    {
-        Some(at) => format!("{}, expected an object", &detail[..at]),
-        None => detail.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::serde_detail;
+    use crate::error::serde_detail;
 
     #[test]
     fn no_internal_names_or_positions() {

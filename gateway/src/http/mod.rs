@@ -3,7 +3,6 @@
 
 pub(crate) mod auth;
 mod extract;
-pub(crate) use extract::serde_detail;
 pub mod hashing;
 pub(crate) mod rooms;
 mod users;

@@ -7,6 +7,7 @@ use crate::http::extract::{Authenticated, JsonBody};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::Value;
 use shared::ObjectId;
@@ -159,14 +160,38 @@ pub async fn add_participant(
 /// is (and tells the gateways again). Every gateway is told, so the user's sockets leave the
 /// room; the removal is also counted in Redis, and every later message batch carries the
 /// count, so a gateway that missed the notice finds out before delivering anything more.
+///
+/// A user who removes themself and is no longer a participant is retrying a removal whose
+/// count or notice failed (Redis answered 503 after the store had it): the retry completes
+/// them and answers 204, without the room they are no longer in. Removals take from the
+/// user's join budget (`JOINS_PER_SECOND`): each makes every gateway with the room read its
+/// participants again.
 pub async fn remove_participant(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
     Path((id, user_id)): Path<(String, String)>,
-) -> Result<Json<Room>, ChatError> {
+) -> Result<Response, ChatError> {
     let room = parse_object_id("id", &id)?;
     let target = parse_object_id("userId", &user_id)?;
-    let current = state.chat.room_for(&user.id, room).await?;
+    if !state.limits.joins.try_take(&user.id) {
+        metrics::counter!("chat_gateway_rate_limited_total").increment(1);
+        return Err(ChatError::RateLimited {
+            message: "rate limit exceeded".into(),
+            retry_after_secs: 1,
+        });
+    }
+    let current = state
+        .chat
+        .store
+        .room(room)
+        .await?
+        .ok_or_else(|| ChatError::NotFound("room not found".into()))?;
+    let participant = current.has_participant(&user.id);
+    if !participant && target != user.id {
+        return Err(ChatError::Forbidden(
+            "you are not a participant of this room".into(),
+        ));
+    }
     if target != user.id && !current.is_owner(&user.id) {
         return Err(ChatError::Forbidden(
             "only the room's owner removes other participants".into(),
@@ -188,7 +213,11 @@ pub async fn remove_participant(
         })])
         .await?;
     tracing::info!(room_id = %room, user_id = %target, by = %user.id, "participant removed");
-    Ok(Json(updated))
+    if participant {
+        Ok(Json(updated).into_response())
+    } else {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    }
 }
 
 /// Where a page of history starts.

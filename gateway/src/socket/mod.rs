@@ -10,11 +10,12 @@ pub(crate) mod payload;
 pub(crate) mod session;
 
 use crate::chat::Chat;
+use crate::delivery::{self, user_key};
 use crate::drain::Drain;
 use crate::error::ChatError;
-use crate::feed::JoinAnswer;
+use crate::feed::{Join, JoinAnswer};
 use crate::limits::Limits;
-use crate::rooms::{self, RoomRegistry, reason_label, room_key, user_key};
+use crate::rooms::RoomRegistry;
 use serde::Serialize;
 use serde_json::{Value, json};
 use session::{Joins, Session, Turn, Typing};
@@ -105,7 +106,7 @@ impl Refusal {
 
 /// Registers the `/chat` namespace.
 pub fn register(io: &SocketIo) {
-    io.ns(crate::rooms::NAMESPACE, on_connect.with(authenticate));
+    io.ns(delivery::NAMESPACE, on_connect.with(authenticate));
 }
 
 /// The token from the handshake's `auth.token`, else from `Authorization: Bearer`.
@@ -155,7 +156,7 @@ async fn authenticate(
     });
     match result {
         Ok(user) => {
-            rooms::join(&s, user_key(&user.id));
+            delivery::join(&s, user_key(&user.id));
             tracing::debug!(socket = %s.id, user_id = %user.id, "connected");
             let session = Arc::new(Session::new(
                 user,
@@ -221,7 +222,7 @@ async fn on_disconnect(
     reason: DisconnectReason,
     State(state): State<Arc<SocketState>>,
 ) {
-    rooms::membership_changed();
+    delivery::membership_changed();
     metrics::gauge!("chat_gateway_connections").decrement(1);
     metrics::counter!("chat_gateway_disconnects_total", "reason" => reason_label(&reason))
         .increment(1);
@@ -280,6 +281,20 @@ async fn authorize(
     Ok(())
 }
 
+/// A bounded label for a disconnect reason.
+pub fn reason_label(reason: &DisconnectReason) -> &'static str {
+    match reason {
+        DisconnectReason::TransportClose => "transport_close",
+        DisconnectReason::MultipleHttpPollingError => "multiple_polling",
+        DisconnectReason::PacketParsingError => "packet_parsing",
+        DisconnectReason::TransportError => "transport_error",
+        DisconnectReason::HeartbeatTimeout => "heartbeat_timeout",
+        DisconnectReason::ClientNSDisconnect => "client_disconnect",
+        DisconnectReason::ServerNSDisconnect => "server_disconnect",
+        DisconnectReason::ClosingServer => "server_closing",
+    }
+}
+
 async fn on_join_room(
     s: SocketRef,
     mut turn: Turn<Joins>,
@@ -288,55 +303,54 @@ async fn on_join_room(
     TryData(data): TryData<Value>,
 ) {
     let session = turn.session.clone();
-    let joined = async {
+    let prepared = async {
         turn.wait().await?;
         let input = payload::join_room(payload::read(data))?;
         let room = input.room_id;
         // Always checked (not trusting the socket's earlier checks): joining is where
         // access is decided. The cache is never older than the room's last removal.
-        state.chat.check_member(&session.user.id, room).await?;
+        let checked_version = state.chat.check_member(&session.user.id, room).await?;
         session.mark_verified(room);
         if session.is_joined(&room)
             && let Some(feed) = state.rooms.feed(&room)
         {
-            return Ok((input, feed, false));
+            return Ok((input, feed, checked_version, false));
         }
         let feed = state.rooms.acquire(room).await?;
         if !session.record_join(room) {
             state.rooms.release(room).await;
             return Err(ChatError::BadRequest("socket disconnected".into()));
         }
-        Ok((input, feed, true))
+        Ok((input, feed, checked_version, true))
     }
     .await;
-    let (input, feed, newly) = match joined {
-        Ok(joined) => joined,
+    let (input, feed, checked_version, newly) = match prepared {
+        Ok(prepared) => prepared,
         Err(error) => return respond::<Value>(&s, turn.wants_ack, ack, "join_room", Err(error)),
     };
-    let room = input.room_id;
-    let Some(after_seq) = input.after_seq else {
-        rooms::join(&s, room_key(&room));
-        tracing::debug!(socket = %s.id, user_id = %session.user.id, room_id = %room, "joined");
-        let body = json!({ "ok": true, "roomId": room.to_hex() });
-        return respond(&s, turn.wants_ack, ack, "join_room", Ok(body));
-    };
-    // The room's feed replays what follows `afterSeq`, joins the socket and acks, all
-    // between two live messages of the room.
+    let (room, after_seq) = (input.room_id, input.after_seq);
+    // The room's feed joins the socket (after replaying what follows `afterSeq`) and
+    // answers, between two live messages of the room.
     let (done, outcome) = tokio::sync::oneshot::channel();
     let (socket, wants_ack) = (s.clone(), turn.wants_ack);
     let answer: JoinAnswer = Box::new(move |result| {
         let ok = result.is_ok();
-        let body = result.map(|r| {
-            json!({ "ok": true, "roomId": room.to_hex(), "replayed": r.replayed, "hasMore": r.has_more })
+        let body = result.map(|r| match after_seq {
+            Some(_) => json!({ "ok": true, "roomId": room.to_hex(), "replayed": r.replayed, "hasMore": r.has_more }),
+            None => json!({ "ok": true, "roomId": room.to_hex() }),
         });
         respond(&socket, wants_ack, ack, "join_room", body);
         let _ = done.send(ok);
     });
-    feed.join(s.clone(), after_seq, answer).await;
-    let ok = outcome.await.unwrap_or(false);
-    if ok {
-        tracing::debug!(socket = %s.id, user_id = %session.user.id, room_id = %room, after_seq, "joined with replay");
-    } else if newly && session.record_leave(&room) {
+    let join = Join {
+        socket: s.clone(),
+        after_seq,
+        checked_version,
+    };
+    feed.join(join, answer).await;
+    if outcome.await.unwrap_or(false) {
+        tracing::debug!(socket = %s.id, user_id = %session.user.id, room_id = %room, ?after_seq, "joined");
+    } else if newly && delivery::leave_room(&s, &room) {
         state.rooms.release(room).await;
     }
 }
@@ -351,8 +365,7 @@ async fn on_leave_room(
     let result = async {
         turn.wait().await?;
         let room = payload::room_id(payload::read(data))?;
-        if turn.session.record_leave(&room) {
-            rooms::leave(&s, room_key(&room));
+        if delivery::leave_room(&s, &room) {
             state.rooms.release(room).await;
         }
         Ok(json!({ "ok": true }))

@@ -24,7 +24,7 @@ fn object(payload: Payload) -> Result<serde_json::Map<String, Value>, ChatError>
         // JSON that could not be read (a lone surrogate, say).
         Err(error) => Err(ChatError::BadRequest(format!(
             "payload is not valid JSON: {}",
-            crate::http::serde_detail(&error)
+            crate::error::serde_detail(&error)
         ))),
     }
 }

@@ -150,13 +150,24 @@ impl Session {
         true
     }
 
-    /// Records a leave; `true` when the socket was in the room.
-    pub fn record_leave(&self, room: &ObjectId) -> bool {
-        self.rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .joined
-            .remove(room)
+    /// Records a leave and runs `leave` (the socket leaving the local room) under the same
+    /// lock as [`Session::join_recorded`]; `true` when the socket was in the room.
+    pub fn leave_recorded(&self, room: &ObjectId, leave: impl FnOnce()) -> bool {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let was = rooms.joined.remove(room);
+        leave();
+        was
+    }
+
+    /// Runs `join` (the socket joining the local room) if the socket is still recorded in
+    /// `room`, under the lock its leaves take; `false` when it is not.
+    pub fn join_recorded(&self, room: &ObjectId, join: impl FnOnce()) -> bool {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let recorded = rooms.joined.contains(room);
+        if recorded {
+            join();
+        }
+        recorded
     }
 
     /// Marks the session closed and returns the rooms it was in.

@@ -545,11 +545,72 @@ mod tests {
         let (on, off) = (ObjectId::new(), ObjectId::new());
         bp.subscribe(on).await.unwrap();
         bp.publish(&[
-            RoomEvent::Message(message(on)),
-            RoomEvent::Message(message(off)),
+            crate::backplane::group_by_room(&[message(on)]).remove(0),
+            crate::backplane::group_by_room(&[message(off)]).remove(0),
         ])
         .await
         .unwrap();
         assert_eq!(*lock(&got), vec![on]);
+    }
+
+    /// The embedded mode's ingest keeps the same bounds as Redis's: `INGEST_MAX_BACKLOG`
+    /// queued messages, and clientMsgId records for `IDEMPOTENCY_TTL_SECS`, at most
+    /// `max_idempotency_keys` of them (the oldest forgotten first).
+    #[tokio::test]
+    async fn the_in_process_ingest_keeps_its_bounds() {
+        let bp = MemoryBackplane::with_limits(
+            Arc::new(|_| {}),
+            MemoryLimits {
+                max_backlog: 2,
+                idempotency_ttl: Duration::from_millis(200),
+                max_idempotency_keys: 2,
+            },
+        );
+        let room = ObjectId::new();
+        bp.seed_seq(room, 0).await.unwrap();
+        bp.append(&message(room), Some("k1")).await.unwrap();
+        bp.append(&message(room), Some("k2")).await.unwrap();
+        assert!(matches!(
+            bp.append(&message(room), Some("k3")).await,
+            Err(BackplaneError::BacklogFull { entries: 2, .. })
+        ));
+        // Stored: room again.
+        let lease = bp
+            .acquire(0, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut position = ReadPosition::start();
+        let read = bp
+            .read(&lease, &mut position, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        let ids: Vec<String> = read.iter().map(|e| e.id.clone()).collect();
+        bp.complete(&lease, &[], &ids).await.unwrap();
+        // A third key: the oldest (k1) is forgotten, the others kept.
+        assert!(matches!(
+            bp.append(&message(room), Some("k3")).await.unwrap(),
+            Appended::New { seq: 3 }
+        ));
+        assert!(matches!(
+            bp.append(&message(room), Some("k2")).await.unwrap(),
+            Appended::Duplicate { seq: 2, .. }
+        ));
+        assert!(matches!(
+            bp.append(&message(room), Some("k1")).await.unwrap(),
+            Appended::New { seq: 4 }
+        ));
+        // Past the time, a key is forgotten too.
+        std::thread::sleep(Duration::from_millis(250));
+        let read = bp
+            .read(&lease, &mut position, 10, Duration::ZERO)
+            .await
+            .unwrap();
+        let ids: Vec<String> = read.iter().map(|e| e.id.clone()).collect();
+        bp.complete(&lease, &[], &ids).await.unwrap();
+        assert!(matches!(
+            bp.append(&message(room), Some("k3")).await.unwrap(),
+            Appended::New { seq: 5 }
+        ));
     }
 }

@@ -24,7 +24,7 @@ pub mod redis_pubsub;
 mod redis_util;
 
 pub use keys::Keys;
-pub use memory::MemoryBackplane;
+pub use memory::{MAX_IDEMPOTENCY_KEYS, MemoryBackplane, MemoryLimits};
 pub use redis_ingest::RedisIngest;
 pub use redis_pubsub::RedisBackplane;
 pub use redis_util::{connect_client, durability_warnings};

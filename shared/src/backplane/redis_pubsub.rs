@@ -21,6 +21,13 @@ use std::time::Duration;
 /// subscribing again (a no-op where nothing moved) restores them within this time.
 const SUBSCRIPTION_REFRESH: Duration = Duration::from_secs(5);
 
+/// Pause before subscribing again after a refused resubscription (Redis still `LOADING`
+/// after a restart, `CLUSTERDOWN` or `TRYAGAIN` during a failover, a permission taken
+/// away), doubling up to [`RESUBSCRIBE_RETRY_MAX`]: the gateway keeps trying until every
+/// channel is subscribed, however long that takes.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(250);
+const RESUBSCRIBE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// The Redis backplane of a gateway.
 pub struct RedisBackplane {
     keys: Keys,
@@ -105,9 +112,9 @@ impl RedisBackplane {
         &self.keys
     }
 
-    /// Restores the subscriptions after every reconnect and keeps `subscriptions_live` true
-    /// only while they are in place, so that readiness can tell a gateway that would miss
-    /// room events.
+    /// Restores the subscriptions after every reconnect, trying again until they are all in
+    /// place, and keeps `subscriptions_live` true only while they are, so that readiness can
+    /// tell a gateway that would miss room events.
     fn watch_subscriptions(&self, subscriber: &SubscriberClient, missed: MissedSink) {
         let mut errors = subscriber.error_rx();
         let mut reconnects = subscriber.reconnect_rx();
@@ -115,9 +122,14 @@ impl RedisBackplane {
         let subscriber = subscriber.clone();
         tokio::spawn(async move {
             use tokio::sync::broadcast::error::RecvError;
+            use tokio::time::Instant;
             let mut refresh = tokio::time::interval(SUBSCRIPTION_REFRESH);
             refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // While the subscriptions are not all in place: when to try again, and the pause
+            // after that.
+            let mut retry: Option<(Instant, Duration)> = None;
             loop {
+                let retry_at = retry.map_or_else(Instant::now, |(at, _)| at);
                 tokio::select! {
                     error = errors.recv() => match error {
                         Ok((error, _)) => {
@@ -131,21 +143,29 @@ impl RedisBackplane {
                     reconnect = reconnects.recv() => match reconnect {
                         Ok(_) | Err(RecvError::Lagged(_)) => {
                             live.store(false, Ordering::SeqCst);
-                            match resubscribe(&subscriber).await {
-                                Ok(channels) => {
-                                    live.store(true, Ordering::SeqCst);
-                                    metrics::counter!("chat_gateway_resubscribes_total").increment(1);
-                                    tracing::info!(channels, "Redis subscriber reconnected and resubscribed");
-                                    // Whatever was published while the connection was down
-                                    // is stored by now (publishing follows storing).
-                                    missed();
-                                }
-                                // The connection failed again; the next reconnect retries.
-                                Err(error) => tracing::error!(%error, "resubscribing after a Redis reconnect failed"),
-                            }
+                            retry = Some((Instant::now(), RESUBSCRIBE_RETRY));
                         }
                         Err(RecvError::Closed) => break,
                     },
+                    _ = tokio::time::sleep_until(retry_at), if retry.is_some() => {
+                        match resubscribe(&subscriber).await {
+                            Ok(channels) => {
+                                retry = None;
+                                live.store(true, Ordering::SeqCst);
+                                metrics::counter!("chat_gateway_resubscribes_total").increment(1);
+                                tracing::info!(channels, "Redis subscriber reconnected and resubscribed");
+                                // Whatever was published while the connection was down is
+                                // stored by now (publishing follows storing).
+                                missed();
+                            }
+                            Err(error) => {
+                                let pause = retry.map_or(RESUBSCRIBE_RETRY, |(_, pause)| pause);
+                                metrics::counter!("chat_gateway_resubscribe_failures_total").increment(1);
+                                tracing::warn!(%error, retry_in_ms = pause.as_millis() as u64, "resubscribing after a Redis reconnect failed; room events are missed until it succeeds");
+                                retry = Some((Instant::now() + pause, (pause * 2).min(RESUBSCRIBE_RETRY_MAX)));
+                            }
+                        }
+                    }
                     _ = refresh.tick() => {
                         if live.load(Ordering::SeqCst)
                             && let Err(error) = resubscribe(&subscriber).await
