@@ -104,6 +104,9 @@ enum Command {
 pub struct FeedHandle {
     tx: mpsc::Sender<Command>,
     catch_up: Arc<AtomicBool>,
+    /// Set when the registry lets the feed go (its last local member left): a feed still
+    /// finishing its queue must not emit to the sockets of the room's next feed.
+    retired: Arc<AtomicBool>,
     /// The room's local sockets, shared with the room's `user_typing` notices.
     pub sockets: Arc<RoomSockets>,
 }
@@ -114,6 +117,7 @@ impl FeedHandle {
     pub fn start(room: ObjectId, latest: u64, context: Arc<FeedContext>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         let catch_up = Arc::new(AtomicBool::new(false));
+        let retired = Arc::new(AtomicBool::new(false));
         let sockets = Arc::new(RoomSockets::new(room_key(&room)));
         let feed = Feed {
             room,
@@ -121,6 +125,7 @@ impl FeedHandle {
             members_version: 0,
             context,
             catch_up: catch_up.clone(),
+            retired: retired.clone(),
             sockets: sockets.clone(),
             myself: tx.downgrade(),
         };
@@ -128,8 +133,15 @@ impl FeedHandle {
         Self {
             tx,
             catch_up,
+            retired,
             sockets,
         }
+    }
+
+    /// The registry lets the feed go: from now on it emits nothing and joins no one (what
+    /// is still queued is dropped or refused), while a new feed may serve the room.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
     }
 
     /// Queues live messages of the room (one published batch).
@@ -168,6 +180,7 @@ struct Feed {
     members_version: u64,
     context: Arc<FeedContext>,
     catch_up: Arc<AtomicBool>,
+    retired: Arc<AtomicBool>,
     sockets: Arc<RoomSockets>,
     /// To ask itself to catch up later without keeping itself alive.
     myself: mpsc::WeakSender<Command>,
@@ -326,6 +339,9 @@ impl Feed {
     /// out of order; the client joins again with `afterSeq` and is replayed what follows. A
     /// socket whose buffer has no room for the notice is cut off as a slow consumer.
     fn resync(&mut self, until: u64, why: &str) {
+        if self.is_retired() {
+            return;
+        }
         let after_seq = self.last;
         tracing::warn!(room_id = %self.room, after_seq, until, why, "sending resync to the room's sockets");
         metrics::counter!("chat_gateway_resyncs_total").increment(1);
@@ -350,13 +366,27 @@ impl Feed {
             after_seq,
             checked_version,
         } = join;
+        if self.is_retired() {
+            return Err(ChatError::Unavailable(
+                "room feed closed: join again".into(),
+            ));
+        }
         let user = socket
             .extensions
             .get::<Arc<Session>>()
             .map(|s| s.user.id)
             .ok_or_else(|| ChatError::BadRequest("socket disconnected".into()))?;
-        if checked_version < self.members_version {
-            // A removal reached this room after the user was checked: check again.
+        if after_seq.is_some_and(|after| after > self.last) {
+            // The client saw more than this gateway delivered (it came from a gateway that
+            // was ahead): catch up first, so that the live messages continue after its own.
+            self.catch_up().await;
+        }
+        // A removal counted since the user was checked (the feed may not have seen it: its
+        // notice can reach this gateway before the join was recorded, and a batch carrying
+        // its count may not have come yet): check again. A removal counted after this read
+        // finds the join recorded, and its notice or the next batch takes the socket out.
+        let now = self.context.backplane.members_version(self.room).await?;
+        if now.max(self.members_version) > checked_version {
             let participants = self.participants().await?;
             if !participants.contains(&user) {
                 return Err(ChatError::Forbidden(
@@ -367,12 +397,6 @@ impl Feed {
         let mut replayed = 0;
         let mut has_more = false;
         if let Some(after_seq) = after_seq {
-            if after_seq > self.last {
-                // The client saw more than this gateway delivered (it came from a gateway
-                // that was ahead): catch up first, so that the live messages continue
-                // after its own.
-                self.catch_up().await;
-            }
             let until = self
                 .last
                 .min(after_seq.saturating_add(self.context.limits.replay_limit));
@@ -388,7 +412,12 @@ impl Feed {
                 // Encoded here, not per room: only this socket gets the replay.
                 for message in &run {
                     if let Err(error) = socket.emit("message", message) {
-                        tracing::debug!(socket = %socket.id, %error, "replay to a closed or full socket");
+                        if let socketioxide::SendError::Socket(
+                            socketioxide::SocketError::InternalChannelFull,
+                        ) = error
+                        {
+                            delivery::disconnect_slow_consumer(socket.clone(), "message");
+                        }
                         return Err(ChatError::Unavailable(format!("replay failed: {error}")));
                     }
                     replayed += 1;
@@ -433,7 +462,7 @@ impl Feed {
     /// sent `resync` instead (it joins again, checked, when the store is back): delivering
     /// on would risk reaching someone removed.
     async fn remove_the_removed(&mut self, version: u64) {
-        if version <= self.members_version {
+        if version <= self.members_version || self.is_retired() {
             return;
         }
         let participants = match self.participants().await {
@@ -461,10 +490,13 @@ impl Feed {
         }
     }
 
+    /// Whether the registry let this feed go; see [`FeedHandle::retire`].
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
     fn emit(&self, message: &ChatMessage) {
-        // A feed the registry let go (its last local member left) may still be finishing a
-        // repair while a new feed serves the room: only the current one emits.
-        if self.myself.upgrade().is_none() {
+        if self.is_retired() {
             return;
         }
         emit_to_room(&self.context.io, &self.sockets, message);

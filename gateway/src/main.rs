@@ -2,7 +2,7 @@ use clap::Parser;
 use gateway::{Application, Settings};
 
 // jemalloc rather than glibc's malloc: taking messages in allocates many short-lived buffers
-// (frames, payloads, Redis commands), and glibc's malloc was in 15% of the profile of a
+// (frames, payloads, Redis commands), and glibc's malloc takes 15% of the profile of a
 // gateway doing it, much of that consolidating and growing its arena again; with jemalloc
 // the gateways use 7–15% less CPU per `message` delivery, for about 1 KB more per idle
 // connection (docs/BENCHMARKS.md, "The allocator").

@@ -2,8 +2,8 @@
 //! `typing`.
 //!
 //! A connect storm (every client of a restarted gateway reconnecting and joining its rooms)
-//! asked MongoDB once per join: 10,000 reads for 100 rooms. Here a room's participants are
-//! read once and shared, and every check first reads the room's removal count from the
+//! would ask MongoDB once per join: 10,000 reads for 100 rooms. Instead a room's participants
+//! are read once and shared, and every check first reads the room's removal count from the
 //! backplane (one Redis `HGET`, see `Backplane::members_version`): a removal raises it, so
 //! a list read before a removal is never trusted after it. Additions raise nothing; a user
 //! missing from the cached list has the room read again before being refused. Concurrent

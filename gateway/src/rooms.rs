@@ -180,11 +180,16 @@ impl RoomRegistry {
         if guard.count > 0 {
             return;
         }
-        // Dropping the handle ends the feed's task once its queue is empty.
-        self.feeds
+        // Dropping the handle ends the feed's task once its queue is empty; retired, it
+        // touches no socket meanwhile (a new feed may serve the room by then).
+        if let Some(feed) = self
+            .feeds
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&room);
+            .remove(&room)
+        {
+            feed.retire();
+        }
         metrics::gauge!("chat_gateway_rooms_local").decrement(1);
         // Unsubscribed while the slot is still the room's and locked: a join arriving now
         // waits, and subscribes again only after this.

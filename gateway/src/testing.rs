@@ -106,8 +106,9 @@ impl Store for ProbedStore {
     async fn stored_in(
         &self,
         ranges: &[(ObjectId, u64, u64)],
+        ids: &[ObjectId],
     ) -> Result<Vec<StoredSeq>, StoreError> {
-        self.inner.stored_in(ranges).await
+        self.inner.stored_in(ranges, ids).await
     }
     async fn messages(
         &self,

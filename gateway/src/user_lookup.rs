@@ -1,9 +1,9 @@
 //! User records for connecting sockets, looked up in batches.
 //!
 //! Every connect checks that its token's user still exists and takes the e-mail and display
-//! name from the record. One query per connect turned a storm of 10,000 connects into 10,000
-//! queries queued in the driver's pool, each waiting behind the others; the lookups that
-//! arrive while the queries in flight run are gathered into the next ones (`_id: {$in:
+//! name from the record. One query per connect would turn a storm of 10,000 connects into
+//! 10,000 queries queued in the driver's pool, each waiting behind the others; instead the
+//! lookups that arrive while the queries in flight run are gathered into the next ones (`_id: {$in:
 //! [...]}`), so a storm costs a few hundred queries, several in flight at once.
 //!
 //! Small batches, several at once, rather than one large one at a time: a query's time grows

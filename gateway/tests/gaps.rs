@@ -123,6 +123,112 @@ async fn a_hole_before_a_live_message_is_filled_from_the_store_first() {
     assert!(b.pending("message").is_empty());
 }
 
+/// Redis drops the command connections of the gateways and the persister every 5 ms while
+/// 600 messages are sent in bursts of 10: appends, reads and publishes are in flight when
+/// their connection drops, and the Redis client sends them again on the next. Every member
+/// on either gateway gets the room's stored messages 1..N once each, in order, each
+/// acknowledged message among them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_hundred_messages_survive_command_connections_dropped_every_5_ms() {
+    use fred::interfaces::ClientLike;
+    use fred::types::{ClusterHash, CustomCommand};
+    let app = TestApp::spawn(2).await;
+    if app.skip_when_embedded("no Redis") || app.skip_when_cluster("one node's connections") {
+        return;
+    }
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (cat, cat_id) = app.user("cat").await;
+    let room = app.room(&ann, &[&bob_id, &cat_id]).await;
+    let mut sender = app.member(0, &ann, &[&room]).await;
+    let members = [
+        app.member(1, &bob, &[&room]).await,
+        app.member(0, &cat, &[&room]).await,
+    ];
+    let killer = shared::backplane::connect_client(&shared::config::RedisSettings {
+        url: Some(app.redis_url()),
+        prefix: "killer".into(),
+        pubsub_capacity: 16,
+    })
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let killing = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let kill = CustomCommand::new_static("CLIENT", ClusterHash::Random, false);
+            let mut kills = 0u32;
+            while !stop.is_cancelled() {
+                let killed: Result<fred::types::Value, _> = killer
+                    .custom(kill.clone(), vec!["KILL", "TYPE", "normal"])
+                    .await;
+                kills += u32::from(killed.is_ok());
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            kills
+        })
+    };
+    let mut acked = Vec::new();
+    for burst in 0..60 {
+        let answers: Vec<_> = (0..10)
+            .map(|i| {
+                sender.emit_with_ack(
+                    "send_message",
+                    vec![json!({ "roomId": room, "content": format!("{burst}.{i}") })],
+                )
+            })
+            .collect();
+        for answer in answers {
+            if let Ok(Ok(ack)) = tokio::time::timeout(TIMEOUT, answer).await
+                && ack["ok"] == json!(true)
+            {
+                acked.push(ack["id"].clone());
+            }
+        }
+    }
+    stop.cancel();
+    let kills = killing.await.unwrap();
+    assert!(kills > 100, "{kills} kills");
+    assert!(
+        acked.len() > 300,
+        "only {} of 600 acknowledged",
+        acked.len()
+    );
+    // What the store holds, 1..N: every member gets exactly that, in order.
+    let store = app.store().await;
+    let room_id = room.parse().unwrap();
+    let mut latest = 0;
+    eventually(
+        "every acknowledged message stored",
+        Duration::from_secs(30),
+        || {
+            let (store, acked) = (&store, &acked);
+            async move {
+                let stored = store.messages_after(room_id, 0, 10_000).await.unwrap();
+                let ids: std::collections::HashSet<Value> =
+                    stored.iter().map(|m| json!(m.id.to_hex())).collect();
+                acked.iter().all(|id| ids.contains(id))
+            }
+        },
+    )
+    .await;
+    let stored = store.messages_after(room_id, 0, 10_000).await.unwrap();
+    for (i, m) in stored.iter().enumerate() {
+        assert_eq!(
+            m.seq,
+            Some(i as u64 + 1),
+            "stored seqs 1..N, one message each"
+        );
+        latest = i as u64 + 1;
+    }
+    let expected: Vec<Value> = stored.iter().map(|m| json!(m.id.to_hex())).collect();
+    for member in &members {
+        assert_eq!(take_in_seq(member, 1, latest as usize).await, expected);
+    }
+    let unique: std::collections::HashSet<&Value> = expected.iter().collect();
+    assert_eq!(unique.len(), expected.len(), "no message twice");
+}
+
 /// A replay never goes past a hole: while a message of the range is not stored yet (a batch
 /// stored in part, its first message still being retried), `join_room {afterSeq}` reads
 /// again a few times and is then refused with `UNAVAILABLE`, having replayed nothing. Once

@@ -133,15 +133,17 @@ async fn a_rooms_numbers_are_unique_and_a_taken_one_stops_the_insert_there() {
     assert_eq!(store.latest_seq(room).await.unwrap(), 3);
     let other = ObjectId::new();
     let mut found = store
-        .stored_in(&[(room, 2, 3), (other, 1, 9)])
+        .stored_in(&[(room, 2, 3), (other, 1, 9)], &[first.message.id])
         .await
         .unwrap();
     found.sort_by_key(|s| s.seq);
     assert_eq!(
         found.iter().map(|s| (s.room, s.seq)).collect::<Vec<_>>(),
-        [(room, 2), (room, 3)]
+        [(room, 1), (room, 2), (room, 3)],
+        "the ranges, and the ids wherever they are"
     );
-    assert_eq!(found[0].id, batch[0].message.id);
+    assert_eq!(found[0].id, first.message.id);
+    assert_eq!(found[1].id, batch[0].message.id);
 }
 
 /// A database written before numbers were unique may hold one number twice in a room: the

@@ -94,7 +94,15 @@ impl Numbering {
             self.last.get(room).is_some_and(|last| last + 1 == *first)
         });
         let known: HashSet<ObjectId> = known.into_iter().map(|(room, ..)| room).collect();
-        let stored = store.stored_in(&ask).await?;
+        // The ids too, wherever they are stored: a message may be stored under another number
+        // than its entry says (moved by a migration of the store).
+        let ids: Vec<ObjectId> = batch
+            .iter()
+            .map(|n| &n.message.message)
+            .filter(|m| !known.contains(&m.room_id))
+            .map(|m| m.id)
+            .collect();
+        let stored = store.stored_in(&ask, &ids).await?;
         let by_id: HashMap<ObjectId, u64> = stored.iter().map(|s| (s.id, s.seq)).collect();
         let by_seq: HashSet<(ObjectId, u64)> = stored.iter().map(|s| (s.room, s.seq)).collect();
 
@@ -107,14 +115,12 @@ impl Numbering {
             }
             if !known.contains(&m.room_id) {
                 match by_id.get(&m.id) {
-                    // Stored already under this number: published again, not stored.
-                    Some(stored) if *stored == seq => {
-                        plan.publish.push(with_number(m, seq));
+                    // Stored already: published again, under the number it is stored with
+                    // (gateways drop a number they delivered), not stored again.
+                    Some(stored) => {
+                        plan.publish.push(with_number(m, *stored));
                         continue;
                     }
-                    // Stored under another number (an earlier copy, moved since): its holder
-                    // publishes it.
-                    Some(_) => continue,
                     None if by_seq.contains(&(m.room_id, seq)) => {
                         stopped.insert(m.room_id);
                         plan.taken.push((m.room_id, n.entry.clone()));

@@ -99,22 +99,21 @@ impl Store for FlakyStore {
     async fn stored_in(
         &self,
         ranges: &[(ObjectId, u64, u64)],
+        ids: &[ObjectId],
     ) -> Result<Vec<StoredSeq>, StoreError> {
         let stored = self.stored.lock().unwrap();
         Ok(stored
             .iter()
             .filter_map(|m| {
                 let seq = m.seq?;
-                ranges
-                    .iter()
-                    .any(|(room, first, last)| {
-                        *room == m.room_id && (*first..=*last).contains(&seq)
-                    })
-                    .then_some(StoredSeq {
-                        room: m.room_id,
-                        seq,
-                        id: m.id,
-                    })
+                let in_range = ranges.iter().any(|(room, first, last)| {
+                    *room == m.room_id && (*first..=*last).contains(&seq)
+                });
+                (in_range || ids.contains(&m.id)).then_some(StoredSeq {
+                    room: m.room_id,
+                    seq,
+                    id: m.id,
+                })
             })
             .collect())
     }

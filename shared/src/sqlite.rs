@@ -432,8 +432,9 @@ impl Store for SqliteStore {
     async fn stored_in(
         &self,
         ranges: &[(ObjectId, u64, u64)],
+        ids: &[ObjectId],
     ) -> Result<Vec<StoredSeq>, StoreError> {
-        let ranges = ranges.to_vec();
+        let (ranges, ids) = (ranges.to_vec(), ids.to_vec());
         self.with(move |c| {
             let mut s = c.prepare_cached(
                 "SELECT id, seq FROM messages WHERE room_id = ?1 AND seq >= ?2 AND seq <= ?3",
@@ -451,6 +452,19 @@ impl Store for SqliteStore {
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()?;
                 found.extend(rows);
+            }
+            let mut by_id = c.prepare_cached("SELECT room_id, seq FROM messages WHERE id = ?1")?;
+            for id in ids {
+                let row = by_id
+                    .query_row(params![id.to_hex()], |r| {
+                        Ok(StoredSeq {
+                            room: oid(&r.get::<_, String>(0)?)?,
+                            id,
+                            seq: u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                        })
+                    })
+                    .optional()?;
+                found.extend(row.filter(|r| !found.contains(r)));
             }
             Ok(found)
         })
@@ -707,7 +721,7 @@ mod tests {
             ..batch[0].clone()
         };
         store.insert_messages(&[copy]).await.unwrap();
-        let found = store.stored_in(&[(room, 5, 9)]).await.unwrap();
+        let found = store.stored_in(&[(room, 5, 9)], &[]).await.unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].id, found[0].seq), (batch[0].message.id, 5));
         drop(store);

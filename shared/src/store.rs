@@ -85,10 +85,9 @@ mod opt_oid_hex {
     }
 }
 
-/// A message with its place in the canonical order: its room sequence number (or, for an
-/// entry appended without one by an older gateway, the position of its ingest stream entry,
-/// see [`crate::backplane::stream_seq`]). History is sorted by it, so every reader sees
-/// messages in the order they were accepted, whichever gateway accepted them.
+/// A message with its place in the canonical order: its room sequence number. History is
+/// sorted by it, so every reader sees messages in the order they were accepted, whichever
+/// gateway accepted them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequencedMessage {
     pub seq: i64,
@@ -184,11 +183,13 @@ pub trait Store: Send + Sync + 'static {
     /// before it stored and none after.
     async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError>;
 
-    /// The messages stored in each room with a number from `first` to `last`, in any order:
-    /// one query for many rooms (`(room, first, last)`).
+    /// The messages stored in each room with a number from `first` to `last`, and those of
+    /// `ids` wherever they are stored, in any order: one query for many rooms
+    /// (`(room, first, last)`).
     async fn stored_in(
         &self,
         ranges: &[(ObjectId, u64, u64)],
+        ids: &[ObjectId],
     ) -> Result<Vec<StoredSeq>, StoreError>;
     /// A room's messages, newest first (in accepted order), at most `limit`, older than
     /// the message `before` when given.
@@ -436,8 +437,9 @@ impl MongoStore {
 
     /// The migration step of [`Self::ensure_unique_seqs`]: in every room that holds one number
     /// twice, the messages from the first such number on are numbered again, one after the
-    /// other in their stored order (number, then id). Deterministic, so two processes
-    /// running it at once write the same numbers.
+    /// other in their stored order (number, then id). Two processes running it at once may
+    /// leave a number twice again; the index then still fails, and the next round (or the
+    /// next start) numbers that room again.
     async fn renumber_duplicates(&self) -> Result<(), StoreError> {
         let pipeline = vec![
             doc! { "$group": { "_id": { "room": "$roomId", "seq": "$seq" }, "n": { "$sum": 1 } } },
@@ -704,17 +706,21 @@ impl Store for MongoStore {
     async fn stored_in(
         &self,
         ranges: &[(ObjectId, u64, u64)],
+        ids: &[ObjectId],
     ) -> Result<Vec<StoredSeq>, StoreError> {
-        if ranges.is_empty() {
+        if ranges.is_empty() && ids.is_empty() {
             return Ok(Vec::new());
         }
         let number = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        let any: Vec<Document> = ranges
+        let mut any: Vec<Document> = ranges
             .iter()
             .map(|(room, first, last)| {
                 doc! { "roomId": room, "seq": { "$gte": number(*first), "$lte": number(*last) } }
             })
             .collect();
+        if !ids.is_empty() {
+            any.push(doc! { "_id": { "$in": ids } });
+        }
         let docs: Vec<Document> = self
             .messages
             .clone_with_type::<Document>()

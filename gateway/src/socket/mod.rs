@@ -276,8 +276,9 @@ async fn authorize(
     if session.is_verified(&room) {
         return Ok(());
     }
+    let verification = session.verification();
     state.chat.check_member(&session.user.id, room).await?;
-    session.mark_verified(room);
+    session.mark_verified(room, verification);
     Ok(())
 }
 
@@ -309,8 +310,9 @@ async fn on_join_room(
         let room = input.room_id;
         // Always checked (not trusting the socket's earlier checks): joining is where
         // access is decided. The cache is never older than the room's last removal.
+        let verification = session.verification();
         let checked_version = state.chat.check_member(&session.user.id, room).await?;
-        session.mark_verified(room);
+        session.mark_verified(room, verification);
         if session.is_joined(&room)
             && let Some(feed) = state.rooms.feed(&room)
         {

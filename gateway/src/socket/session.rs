@@ -31,8 +31,10 @@ pub struct Session {
     pub user: AuthUser,
     drain: Arc<Drain>,
     rooms: Mutex<Rooms>,
-    /// Rooms where the user was found to be a participant, and when.
-    verified: Mutex<HashMap<ObjectId, Instant>>,
+    /// Rooms where the user was found to be a participant, and when; and how many times a
+    /// room was forgotten (a removal), so that a check that began before a removal is not
+    /// recorded after it.
+    verified: Mutex<(HashMap<ObjectId, Instant>, u64)>,
     membership_ttl: Duration,
     /// Completion signal of the previous event; the next event waits for it.
     previous: Mutex<Option<oneshot::Receiver<()>>>,
@@ -107,29 +109,39 @@ impl Session {
 
     /// Forgets that the user may use `room` (they were removed from it).
     pub fn forget(&self, room: &ObjectId) {
-        self.verified
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(room);
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        verified.0.remove(room);
+        verified.1 += 1;
     }
 
     /// Whether the user was recently verified as a participant of `room`.
     pub fn is_verified(&self, room: &ObjectId) -> bool {
         let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         verified
+            .0
             .get(room)
             .is_some_and(|at| at.elapsed() < self.membership_ttl)
     }
 
-    pub fn mark_verified(&self, room: ObjectId) {
+    /// Taken before a membership check and given to [`Session::mark_verified`].
+    pub fn verification(&self) -> u64 {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+
+    /// Records that the user is a participant of `room`, unless a removal was forgotten
+    /// since `verification` was taken (the check may predate it).
+    pub fn mark_verified(&self, room: ObjectId, verification: u64) {
         let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.1 != verification {
+            return;
+        }
         // Bounded: a socket can only accumulate rooms it is a participant of, and stale
         // entries are dropped whenever the map grows.
-        if verified.len() >= 1024 {
+        if verified.0.len() >= 1024 {
             let ttl = self.membership_ttl;
-            verified.retain(|_, at| at.elapsed() < ttl);
+            verified.0.retain(|_, at| at.elapsed() < ttl);
         }
-        verified.insert(room, Instant::now());
+        verified.0.insert(room, Instant::now());
     }
 
     pub fn is_joined(&self, room: &ObjectId) -> bool {

@@ -365,7 +365,21 @@ impl Ingest for MemoryBackplane {
         ids: &[String],
     ) -> Result<(), BackplaneError> {
         self.check(lease)?;
-        self.publish(events).await?;
+        // Each batch carries its room's count of removals, as the Redis script fills it in.
+        let events: Vec<RoomEvent> = {
+            let removals = lock(&self.removals);
+            events
+                .iter()
+                .map(|event| match event {
+                    RoomEvent::Messages(batch) => RoomEvent::Messages(crate::wire::MessageBatch {
+                        members_version: Some(removals.get(&batch.room_id).copied().unwrap_or(0)),
+                        ..batch.clone()
+                    }),
+                    other => other.clone(),
+                })
+                .collect()
+        };
+        self.publish(&events).await?;
         let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
         let mut q = lock(&self.queue);
         let delivered = q.delivered;

@@ -131,15 +131,23 @@ impl RedisBackplane {
             loop {
                 let retry_at = retry.map_or_else(Instant::now, |(at, _)| at);
                 tokio::select! {
-                    error = errors.recv() => match error {
-                        Ok((error, _)) => {
-                            if live.swap(false, Ordering::SeqCst) {
-                                tracing::warn!(%error, "Redis subscriber connection lost; room events are missed until it is back");
+                    // Errors first: one that is older than a reconnect must not undo the
+                    // resubscription that followed it.
+                    biased;
+                    error = errors.recv() => {
+                        match error {
+                            Ok((error, _)) => {
+                                if live.swap(false, Ordering::SeqCst) {
+                                    tracing::warn!(%error, "Redis subscriber connection lost; room events are missed until it is back");
+                                }
                             }
+                            Err(RecvError::Lagged(_)) => live.store(false, Ordering::SeqCst),
+                            Err(RecvError::Closed) => break,
                         }
-                        Err(RecvError::Lagged(_)) => live.store(false, Ordering::SeqCst),
-                        Err(RecvError::Closed) => break,
-                    },
+                        // Not live until every channel is subscribed again, whether or not a
+                        // reconnect is reported after this.
+                        retry.get_or_insert((Instant::now() + RESUBSCRIBE_RETRY, RESUBSCRIBE_RETRY));
+                    }
                     reconnect = reconnects.recv() => match reconnect {
                         Ok(_) | Err(RecvError::Lagged(_)) => {
                             live.store(false, Ordering::SeqCst);

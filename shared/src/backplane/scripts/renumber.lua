@@ -44,11 +44,15 @@ while true do
       f[fields[i]] = fields[i + 1]
     end
     -- Entries carry their room; those appended before they did say it in the message.
+    -- An entry that cannot be decoded is left where it is (the persister drops it).
     local message = nil
     if f['m'] and (f['r'] == room or (not f['r'] and string.find(f['m'], room, 1, true))) then
-      message = cjson.decode(f['m'])
+      local decoded, value = pcall(cjson.decode, f['m'])
+      if decoded and type(value) == 'table' then
+        message = value
+      end
     end
-    if message and message['roomId'] == room then
+    if message and message['roomId'] == room and type(message['id']) == 'string' then
       local seq = redis.call('HINCRBY', KEYS[3], room, 1)
       redis.call('XADD', KEYS[1], '*', 'm', f['m'], 's', seq, 'r', room)
       redis.call('XACK', KEYS[1], ARGV[2], id)
