@@ -83,6 +83,13 @@ step "cargo test (unit and integration, real Redis and SecantusDB)"
 cargo build --workspace --locked --bins
 cargo test --workspace --locked
 
+step "chaos runs (the whole deployment under faults drawn from a seed, then the history checked: loadtest/chaos-seeds)"
+while read -r redis seed seconds faults; do
+  [ -n "$redis" ] || continue
+  target/debug/loadtest chaos --redis "$redis" --seed "$seed" --duration "$seconds" \
+    ${faults:+--faults "$faults"} --out target/chaos
+done < <(sed 's/#.*//' loadtest/chaos-seeds)
+
 step "contract tests on a Redis Cluster (3 masters, 3 replicas; 2 gateways, 3 persisters)"
 CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test socket --test rest
 # The gap tests that take their Redis from the environment (the 1,000-message ones run on a

@@ -128,6 +128,13 @@ impl Client {
         Ok(Self { out, next_ack: 0 })
     }
 
+    /// Closes the connection: its task ends and reports `Closed`.
+    pub fn close(&mut self) {
+        let (closed, _) = mpsc::unbounded_channel();
+        // Dropping the only sender ends the connection's task.
+        self.out = closed;
+    }
+
     /// Emits an event; with `ack`, returns the ack id to wait for.
     pub fn emit(&mut self, event: &str, data: &Value, ack: bool) -> Option<u64> {
         let body = json!([event, data]);

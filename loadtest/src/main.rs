@@ -3,6 +3,7 @@
 //! Each scenario prints a line per second on stderr, a summary on stdout, and one JSON
 //! object of results (`--json FILE`).
 
+mod chaos;
 mod client;
 mod plot;
 mod report;
@@ -40,6 +41,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// The whole deployment under faults drawn from a seed, then a check of every promise
+    /// over the recorded history (exit status 1 on a violation).
+    Chaos(chaos::ChaosArgs),
     /// A storm of connects: N clients connect and join at once.
     Connect {
         #[arg(long, default_value_t = 1000)]
@@ -132,6 +136,12 @@ struct FanoutArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Scenario::Chaos(args) = &cli.scenario {
+        if !chaos::run(args).await? {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let before = report::scrape(&cli.observe.metrics).await;
     let procs_before = report::procs(&cli.observe.pids);
     let started = Instant::now();
@@ -185,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?
         }
+        Scenario::Chaos(_) => unreachable!("run above"),
         Scenario::Latency {
             rooms,
             rate,
