@@ -124,7 +124,7 @@ start_ours() {
     port=$(free_port) admin=$(free_port)
     # Load runs send far above the per-connection rate limit meant for people. One tokio
     # worker per gateway: each has one core here, as each Node process has one thread.
-    PORT=$port METRICS_PORT=$admin EVENTS_PER_SECOND=1000000 EVENT_BURST=1000000 \
+    PORT=$port METRICS_PORT=$admin EVENTS_PER_SECOND=1000000 EVENT_BURST=1000000 MAX_CONNECTIONS_PER_ADDRESS=0 \
       TOKIO_WORKER_THREADS=1 HOST=127.0.0.1 server target/release/gateway
     gw_pids+=("${pids[-1]}")
     urls+=(--url "http://127.0.0.1:$port")
@@ -253,7 +253,7 @@ if ! done_already latency-message-embedded; then
   echo "==> $side: latency-message-embedded"
   data=$(mktemp -d)
   port=$(free_port) admin=$(free_port)
-  PORT=$port METRICS_PORT=$admin EVENTS_PER_SECOND=1000000 EVENT_BURST=1000000 \
+  PORT=$port METRICS_PORT=$admin EVENTS_PER_SECOND=1000000 EVENT_BURST=1000000 MAX_CONNECTIONS_PER_ADDRESS=0 \
     REGISTER_MAX_PER_IP=1000000 TOKIO_WORKER_THREADS=1 HOST=127.0.0.1 DATA_DIR=$data \
     LOG_FORMAT=text RUST_LOG=warn server target/release/gateway --embedded
   embedded_pid=${pids[-1]}

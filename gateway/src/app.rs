@@ -19,7 +19,7 @@ use shared::counters::{Counters, MemoryCounters, RedisCounters};
 use shared::jwt::JwtKeys;
 use shared::sqlite::SqliteStore;
 use shared::store::{MongoStore, Store};
-use socketioxide::SocketIo;
+use socketioxide::{ParserConfig, SocketIo};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -45,6 +45,7 @@ pub struct Application {
     embedded: Option<Embedded>,
     web_ui: bool,
     batch_size: usize,
+    limits: crate::serve::Limits,
     /// Closed after everything else has stopped.
     store: Arc<dyn Store>,
 }
@@ -230,6 +231,7 @@ impl Application {
                 settings.membership_cache_rooms,
                 Duration::from_secs(settings.membership_cache_secs),
             )),
+            users: Arc::new(crate::user_lookup::UserLookup::new(store.clone())),
         };
         let rooms = RoomRegistry::new(
             backplane.clone(),
@@ -250,7 +252,14 @@ impl Application {
             }),
             disconnect_after: settings.rate_limit_disconnect_after.max(1),
         });
+        // The chat has no binary events: a binary packet with attachments is refused (the
+        // connection closed) rather than held, unauthenticated, until its attachments come.
+        let parser = ParserConfig::common()
+            .max_incoming_binaries(0)
+            .max_incoming_binary_buf_size(0)
+            .packet_completion_timeout(Duration::from_secs(5));
         let (layer, io) = SocketIo::builder()
+            .with_parser(parser)
             .max_buffer_size(settings.socket_buffer_size)
             .ping_interval(Duration::from_secs(settings.ping_interval_secs.max(1)))
             .ping_timeout(Duration::from_secs(settings.ping_timeout_secs.max(1)))
@@ -267,7 +276,6 @@ impl Application {
                 rooms: rooms.clone(),
                 membership_ttl: Duration::from_secs(settings.membership_cache_secs),
                 limits: limits.clone(),
-                users: Arc::new(crate::user_lookup::UserLookup::new(store.clone())),
                 connections: Arc::new(Connections::new(settings.max_connections_per_user)),
                 expiries: socket::Expiries::start(),
             }))
@@ -285,18 +293,30 @@ impl Application {
                 counters,
                 max_failures_per_email: settings.login_max_failures_per_email,
                 max_failures_per_ip: settings.login_max_failures_per_ip,
+                slowdown_after: settings.login_slowdown_after,
+                max_room_creations: settings.room_creations_per_user,
                 max_registrations_per_ip: settings.register_max_per_ip,
                 max_lookups_per_user: settings.user_lookups_per_user,
                 window: Duration::from_secs(settings.login_window_secs.max(1)),
                 trusted_proxy_hops: settings.trusted_proxy_hops,
             },
+            max_room_participants: usize::try_from(settings.max_room_participants)
+                .unwrap_or(usize::MAX),
         });
         if !settings.no_web_ui {
             api_router = api_router.merge(http::web::router());
         }
         // Outside the Socket.IO layer, so that it runs first: see `socket::detach_request`.
+        let slots = socket::AddressSlots::new(
+            settings.max_connections_per_address,
+            settings.trusted_proxy_hops,
+        );
         let api_router = api_router
             .layer(layer)
+            .layer(axum::middleware::from_fn_with_state(
+                slots,
+                socket::admit_session,
+            ))
             .layer(axum::middleware::map_request(socket::detach_request));
         // Ready means this gateway can take connections and sends: Redis and its room
         // subscriptions. MongoDB is left out on purpose: a MongoDB blip would otherwise turn
@@ -347,6 +367,17 @@ impl Application {
             embedded,
             web_ui: !settings.no_web_ui,
             batch_size: settings.batch_size,
+            limits: crate::serve::Limits {
+                header: Duration::from_secs(settings.http_header_timeout_secs.max(1)),
+                body: Duration::from_secs(settings.http_body_timeout_secs.max(1)),
+                // Behind proxies every peer is one: the client's address is counted per
+                // session then (socket::per_address).
+                per_peer: if settings.trusted_proxy_hops == 0 {
+                    settings.max_connections_per_address
+                } else {
+                    0
+                },
+            },
             store,
         })
     }
@@ -412,20 +443,22 @@ impl Application {
         let admin = tokio::spawn(async move { admin.await });
         // The API stops accepting connections as soon as shutdown starts; its open
         // connections end when the sockets are closed below.
-        let api = axum::serve(
+        let mut api = tokio::spawn(crate::serve::serve(
             self.api,
-            self.api_router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let mut api = tokio::spawn(async move { api.await });
+            self.api_router,
+            self.limits,
+            shutdown.clone(),
+        ));
 
         tokio::select! {
+            // Shutdown first: the API's task ends soon after it, and that is no failure.
+            biased;
+            _ = shutdown.cancelled() => {}
             result = &mut api => {
                 admin.abort();
-                return result.context("API server task")?.context("serving the API");
+                result.context("API server task")?;
+                return Err(anyhow!("the API server stopped by itself"));
             }
-            _ = shutdown.cancelled() => {}
         }
         let deadline = tokio::time::Instant::now() + self.drain;
         self.drain_state.start();

@@ -18,6 +18,8 @@ pub struct Chat {
     pub jwt: JwtKeys,
     /// Participants cached for the socket events' checks.
     pub members: Arc<crate::membership::MembershipCache>,
+    /// User records, looked up in batches (connects, REST requests, sockets' re-checks).
+    pub users: Arc<crate::user_lookup::UserLookup>,
 }
 
 impl Chat {

@@ -74,7 +74,7 @@ proptest! {
     fn rest_bodies(v in any_json()) {
         if let Some(body) = decode::<RegisterBody>(&v) && let Err(e) = body.validate() { typed(e) }
         let _ = decode::<LoginBody>(&v);
-        if let Some(body) = decode::<CreateRoomBody>(&v) && let Err(e) = body.validate(ObjectId::new()) { typed(e) }
+        if let Some(body) = decode::<CreateRoomBody>(&v) && let Err(e) = body.validate(ObjectId::new(), 1000) { typed(e) }
         if let Some(body) = decode::<AddParticipantBody>(&v) {
             let _ = shared::domain::parse_object_id("userId", body.user_id());
         }

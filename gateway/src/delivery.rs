@@ -129,6 +129,14 @@ pub fn join_room(socket: &SocketRef, room: &ObjectId) -> bool {
     session.join_recorded(room, || join(socket, room_key(room)))
 }
 
+/// Whether the socket is being cut off as a slow consumer ([`disconnect_slow_consumer`]).
+pub fn is_cut_off(socket: &SocketRef) -> bool {
+    socket
+        .extensions
+        .get::<Arc<Session>>()
+        .is_some_and(|s| s.is_slow())
+}
+
 /// Emits `message` to every local socket of a room.
 pub fn emit_to_room(io: &SocketIo, sockets: &RoomSockets, message: &ChatMessage) {
     emit_serialised(sockets.get(io).iter(), "message", message);
@@ -180,16 +188,21 @@ fn emit_serialised<'a, T: Serialize>(
 }
 
 /// A socket whose buffer is full is cut off: it leaves every room at once (so it gets
-/// nothing more, and what it got is a gap-free prefix), then is disconnected as soon as
-/// its buffer has room for the disconnect packet, or by the heartbeat (the client cannot
-/// answer pings it does not receive) at the latest.
+/// nothing more, and what it got is a gap-free prefix) and joins no room again, then is
+/// disconnected as soon as its buffer has room for the disconnect packet, or by the
+/// heartbeat (the client cannot answer pings it does not receive) at the latest.
 pub fn disconnect_slow_consumer(socket: SocketRef, event: &str) {
-    metrics::counter!("chat_gateway_slow_consumer_disconnects_total").increment(1);
-    tracing::warn!(socket = %socket.id, event, "slow consumer: buffer full, disconnecting");
-    leave_all(&socket);
     let Some(session) = socket.extensions.get::<Arc<Session>>() else {
+        leave_all(&socket);
         return;
     };
+    // Every call leaves (a join may have been under way); logged, counted and disconnected
+    // once per socket.
+    if !session.cut_off_slow(|| leave_all(&socket)) {
+        return;
+    }
+    metrics::counter!("chat_gateway_slow_consumer_disconnects_total").increment(1);
+    tracing::warn!(socket = %socket.id, event, "slow consumer: buffer full, disconnecting");
     tokio::spawn(async move {
         loop {
             match socket.clone().disconnect() {

@@ -26,9 +26,15 @@ pub enum ChatError {
     /// No such thing: HTTP 404, `NOT_FOUND`.
     #[error("{0}")]
     NotFound(String),
-    /// A unique value is taken: HTTP 409 (REST only).
+    /// A unique value is taken, or a room is full: HTTP 409, `BAD_REQUEST`.
     #[error("{0}")]
     Conflict(String),
+    /// A request body over its route's limit: HTTP 413.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A request body that did not arrive within `HTTP_BODY_TIMEOUT_SECS`: HTTP 408.
+    #[error("{0}")]
+    TooSlow(String),
     /// Too many events or attempts: HTTP 429, `RATE_LIMITED`; retry after the given seconds.
     #[error("{message}")]
     RateLimited {
@@ -65,6 +71,8 @@ impl ChatError {
             ChatError::Forbidden(_) => StatusCode::FORBIDDEN,
             ChatError::NotFound(_) => StatusCode::NOT_FOUND,
             ChatError::Conflict(_) => StatusCode::CONFLICT,
+            ChatError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ChatError::TooSlow(_) => StatusCode::REQUEST_TIMEOUT,
             ChatError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ChatError::Unavailable(_) | ChatError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ChatError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,7 +81,10 @@ impl ChatError {
 
     pub fn code(&self) -> ErrorCode {
         match self {
-            ChatError::BadRequest(_) | ChatError::Conflict(_) => ErrorCode::BadRequest,
+            ChatError::BadRequest(_)
+            | ChatError::Conflict(_)
+            | ChatError::TooLarge(_)
+            | ChatError::TooSlow(_) => ErrorCode::BadRequest,
             ChatError::Unauthorized(_) => ErrorCode::Unauthorized,
             ChatError::Forbidden(_) => ErrorCode::Forbidden,
             ChatError::NotFound(_) => ErrorCode::NotFound,
@@ -92,6 +103,8 @@ impl ChatError {
             ChatError::Forbidden(_) => "forbidden",
             ChatError::NotFound(_) => "not_found",
             ChatError::Conflict(_) => "conflict",
+            ChatError::TooLarge(_) => "too_large",
+            ChatError::TooSlow(_) => "too_slow",
             ChatError::RateLimited { .. } => "rate_limited",
             ChatError::Unavailable(_) => "unavailable",
             ChatError::Busy { .. } => "busy",
@@ -135,6 +148,9 @@ impl From<StoreError> for ChatError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => ChatError::Conflict("already exists".into()),
+            StoreError::Full => ChatError::Conflict(
+                "the room has the most participants allowed (MAX_ROOM_PARTICIPANTS)".into(),
+            ),
             StoreError::Unavailable(cause) => ChatError::Unavailable(format!("store: {cause}")),
             taken @ StoreError::SeqTaken { .. } => ChatError::Internal(taken.to_string()),
         }

@@ -418,7 +418,11 @@ impl Feed {
                         {
                             delivery::disconnect_slow_consumer(socket.clone(), "message");
                         }
-                        return Err(ChatError::Unavailable(format!("replay failed: {error}")));
+                        // The client's doing, not a dependency's: answered, not logged.
+                        return Err(ChatError::Busy {
+                            message: "this connection cannot take the replay".into(),
+                            retry_after_secs: 1,
+                        });
                     }
                     replayed += 1;
                 }
@@ -427,6 +431,12 @@ impl Feed {
             has_more = self.last > until;
         }
         if !delivery::join_room(&socket, &self.room) {
+            if delivery::is_cut_off(&socket) {
+                return Err(ChatError::Busy {
+                    message: "this connection is cut off as a slow consumer".into(),
+                    retry_after_secs: 1,
+                });
+            }
             return Err(ChatError::Forbidden(
                 "you left or were removed from this room while joining".into(),
             ));

@@ -6,6 +6,7 @@
 //! subscribes to the channel of every room with a local member, and only those. Without
 //! Redis and MongoDB it runs embedded: the whole chat server in one process.
 
+mod address;
 mod app;
 mod chat;
 #[cfg(test)]
@@ -18,6 +19,7 @@ mod http;
 mod limits;
 mod membership;
 mod rooms;
+mod serve;
 mod settings;
 mod socket;
 mod telemetry;

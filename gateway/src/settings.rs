@@ -71,6 +71,16 @@ pub struct Settings {
     /// bounds how long a slow consumer whose buffer stays full keeps its connection.
     #[arg(long, env = "PING_TIMEOUT_SECS", default_value_t = 20)]
     pub ping_timeout_secs: u64,
+    /// Longest time from a connection starting to wait for a request to the end of its
+    /// headers, in seconds; past it the connection is closed (a client trickling bytes holds
+    /// it no longer). An idle keep-alive connection closes after it too, so it is above the
+    /// 60 s idle timeout of common load balancers: a balancer must close first, or it may
+    /// send a request on a connection the gateway is closing.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT_SECS", default_value_t = 65)]
+    pub http_header_timeout_secs: u64,
+    /// Longest time to receive an HTTP request's body, in seconds; past it, 408.
+    #[arg(long, env = "HTTP_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub http_body_timeout_secs: u64,
     /// Largest Socket.IO / Engine.IO payload accepted from a client, in bytes.
     #[arg(long, env = "MAX_PAYLOAD_BYTES", default_value_t = 100_000)]
     pub max_payload_bytes: u64,
@@ -106,10 +116,21 @@ pub struct Settings {
     /// Most simultaneous connections of one user to one gateway.
     #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 20)]
     pub max_connections_per_user: usize,
-    /// Failed logins for one e-mail within `LOGIN_WINDOW_SECS` after which logins for it
-    /// are refused with 429 until the window ends.
+    /// Socket.IO connections (Engine.IO sessions, authenticated or not) per client address
+    /// on a gateway; the address as `TRUSTED_PROXY_HOPS` defines it. Past it, a new
+    /// connection is refused with 429. 0 turns the bound off (load tests from a few addresses).
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1000)]
+    pub max_connections_per_address: usize,
+    /// Failed logins for one e-mail from one client address within `LOGIN_WINDOW_SECS` after
+    /// which that address's logins for it are refused with 429 until the window ends (from
+    /// another address the owner still logs in).
     #[arg(long, env = "LOGIN_MAX_FAILURES_PER_EMAIL", default_value_t = 10)]
     pub login_max_failures_per_email: u64,
+    /// Failed logins for one e-mail from any address within `LOGIN_WINDOW_SECS` after which
+    /// each login for it waits 250 ms more (at most 5 s) before its password is checked:
+    /// guessing slows down everywhere, and nobody is locked out.
+    #[arg(long, env = "LOGIN_SLOWDOWN_AFTER", default_value_t = 5)]
+    pub login_slowdown_after: u64,
     /// Failed logins from one client address within `LOGIN_WINDOW_SECS` after which its
     /// logins are refused with 429 until the window ends.
     #[arg(long, env = "LOGIN_MAX_FAILURES_PER_IP", default_value_t = 100)]
@@ -118,11 +139,20 @@ pub struct Settings {
     /// are refused with 429 until the window ends.
     #[arg(long, env = "REGISTER_MAX_PER_IP", default_value_t = 20)]
     pub register_max_per_ip: u64,
-    /// `GET /users?email=` lookups (and answers naming an unknown user id) per user within
-    /// `LOGIN_WINDOW_SECS`, after which they are refused with 429 until the window ends.
+    /// `GET /users?email=` and `GET /users/:id` lookups (and answers naming an unknown user
+    /// id) per user within `LOGIN_WINDOW_SECS`, after which they are refused with 429 until
+    /// the window ends.
     #[arg(long, env = "USER_LOOKUPS_PER_USER", default_value_t = 100)]
     pub user_lookups_per_user: u64,
-    /// Window of the login failure counters, in seconds.
+    /// Rooms one user may create within `LOGIN_WINDOW_SECS`; past it, 429 until the window
+    /// ends.
+    #[arg(long, env = "ROOM_CREATIONS_PER_USER", default_value_t = 30)]
+    pub room_creations_per_user: u64,
+    /// Most participants of a room: creating a room with more, or adding one to a full room,
+    /// is refused. Every joined room costs each gateway a feed and a subscription.
+    #[arg(long, env = "MAX_ROOM_PARTICIPANTS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=100_000))]
+    pub max_room_participants: u64,
+    /// Window of the login, registration, lookup and room-creation counters, in seconds.
     #[arg(long, env = "LOGIN_WINDOW_SECS", default_value_t = 900)]
     pub login_window_secs: u64,
     /// How many proxies in front of the gateway append the client's address to

@@ -18,6 +18,10 @@ pub fn describe() {
         "Refused connections, by reason (missing, invalid, expired token; too many connections)."
     );
     describe_counter!(
+        "chat_gateway_address_limited_total",
+        "Connections refused because their client address held MAX_CONNECTIONS_PER_ADDRESS."
+    );
+    describe_counter!(
         "chat_gateway_events_total",
         "Client events handled, by event and result (ok or the error code)."
     );

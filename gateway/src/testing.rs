@@ -83,8 +83,16 @@ impl Store for ProbedStore {
         self.probe().await?;
         self.inner.room(id).await
     }
-    async fn rooms_of(&self, user: ObjectId) -> Result<Vec<Room>, StoreError> {
-        self.inner.rooms_of(user).await
+    async fn rooms_of(
+        &self,
+        user: ObjectId,
+        before: Option<ObjectId>,
+        limit: u32,
+    ) -> Result<Vec<Room>, StoreError> {
+        self.inner.rooms_of(user, before, limit).await
+    }
+    async fn share_a_room(&self, a: ObjectId, b: ObjectId) -> Result<bool, StoreError> {
+        self.inner.share_a_room(a, b).await
     }
     async fn remove_participant(
         &self,
@@ -97,8 +105,9 @@ impl Store for ProbedStore {
         &self,
         room: ObjectId,
         user: ObjectId,
+        max: usize,
     ) -> Result<Option<Room>, StoreError> {
-        self.inner.add_participant(room, user).await
+        self.inner.add_participant(room, user, max).await
     }
     async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError> {
         self.inner.insert_messages(messages).await

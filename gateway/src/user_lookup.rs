@@ -64,7 +64,24 @@ impl UserLookup {
         self.tx.try_send((id, answer)).map_err(|_| LookupFailed)?;
         wait.await.map_err(|_| LookupFailed)?
     }
+
+    /// Whether the store says, within [`DELETION_CHECK_TIMEOUT`], that the user no longer
+    /// exists. A store that does not answer says nothing: the token was valid, and a request
+    /// that holds one must not wait on the store for a check of deletions.
+    pub async fn deleted(&self, id: ObjectId) -> bool {
+        match tokio::time::timeout(DELETION_CHECK_TIMEOUT, self.get(id)).await {
+            Ok(Ok(found)) => found.is_none(),
+            Ok(Err(LookupFailed)) => false,
+            Err(_) => {
+                tracing::debug!(user_id = %id, "user lookup timed out; taken as existing");
+                false
+            }
+        }
+    }
 }
+
+/// How long a request waits to learn that its token's user was deleted.
+pub const DELETION_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn run(query: Query, mut rx: mpsc::Receiver<Request>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));

@@ -561,3 +561,115 @@ async fn a_refused_resubscription_is_tried_again_until_it_succeeds() {
     let sent = send_quickly(&mut a, &room, 1).await;
     assert_eq!(b.next("message").await["id"], sent[0]);
 }
+
+/// 150 `join_room {afterSeq: 0}` in a row, each replaying 500 messages, from a client that
+/// never reads: the socket is cut off as a slow consumer, said once in the log, and the
+/// joins still queued are answered without a warning each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_replays_to_a_client_that_never_reads_is_logged_once() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut app = TestApp::spawn(0).await;
+    if app.skip_when_embedded("a gateway process on Redis and MongoDB") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gateway.log");
+    let (port, admin) = (common::servers::free_port(), common::servers::free_port());
+    let env = app.service_env(&[
+        ("PORT", port.to_string()),
+        ("METRICS_PORT", admin.to_string()),
+        ("JWT_SECRET", common::JWT_SECRET.to_owned()),
+        ("LOG_FORMAT", "text".to_owned()),
+        ("EVENTS_PER_SECOND", "100000".to_owned()),
+        ("EVENT_BURST", "100000".to_owned()),
+    ]);
+    let _gateway = common::procs::Proc::spawn_logged("gateway", "gateway", &env, &log);
+    wait_ready(admin).await;
+    app.gateways.push(common::Gateway {
+        port,
+        admin_port: admin,
+        stop: Default::default(),
+        process: None,
+    });
+    let (ann, _) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    // Long messages: a replay of 500 fills the client's TCP buffers by itself.
+    let long = "x".repeat(5_000);
+    for burst in 0..5 {
+        let acks: Vec<_> = (0..100)
+            .map(|i| {
+                a.emit_with_ack(
+                    "send_message",
+                    vec![json!({ "roomId": room, "content": format!("{burst}.{i} {long}") })],
+                )
+            })
+            .collect();
+        for ack in acks {
+            let ack = tokio::time::timeout(TIMEOUT, ack).await.unwrap().unwrap();
+            assert_eq!(ack["ok"], json!(true), "{ack}");
+        }
+    }
+    // A raw client: connects, asks for 150 replays, and reads nothing more.
+    let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(Message::text(format!(
+        "40/chat,{}",
+        json!({ "token": ann })
+    )))
+    .await
+    .unwrap();
+    // Its joins after the namespace's answer, as any client sends them.
+    loop {
+        let frame = tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if frame.to_string().starts_with("40/chat") {
+            break;
+        }
+    }
+    for i in 0..150 {
+        let join = json!(["join_room", { "roomId": room, "afterSeq": 0 }]);
+        ws.send(Message::text(format!("42/chat,{i}{join}")))
+            .await
+            .unwrap();
+    }
+    eventually(
+        "cut off as a slow consumer",
+        Duration::from_secs(30),
+        || async {
+            metric(admin, "chat_gateway_slow_consumer_disconnects_total")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    // The joins still queued are answered by then, or soon after.
+    eventually("the joins answered", Duration::from_secs(30), || async {
+        let text = common::metrics_text(admin).await.unwrap_or_default();
+        let joins: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("chat_gateway_events_total{") && l.contains("join_room"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        joins >= 150.0
+    })
+    .await;
+    let text = common::metrics_text(admin).await.unwrap();
+    assert!(
+        !text.contains(r#"chat_gateway_events_total{event="join_room",result="bad_request"}"#),
+        "{text}"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert!(
+        warnings.len() <= 2,
+        "{} warnings: {warnings:#?}",
+        warnings.len()
+    );
+    drop(ws);
+}

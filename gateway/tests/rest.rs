@@ -732,6 +732,18 @@ async fn names_and_emails_that_would_forge_what_others_see_are_refused() {
             "\u{200B}\u{200B}",
             "displayName must not be empty",
         ),
+        // Blank-looking fillers, and an address that shows as another.
+        ("e@example.com", "\u{3164}", "displayName must not be empty"),
+        (
+            "f@example.com",
+            "\u{2800}\u{AD}",
+            "displayName must not be empty",
+        ),
+        (
+            "adm\u{AD}in@example.com",
+            "ok",
+            "email must be a valid email address",
+        ),
     ] {
         let (status, body) = register(email, name).await;
         assert_eq!(
@@ -941,4 +953,356 @@ async fn a_flood_of_sign_ups_is_refused_with_retry_after_not_queued() {
         }
     }
     assert!(busy > 0, "nothing was refused");
+}
+
+/// A login reads nothing of its body before the address is counted, names no counter after
+/// what the client sent, and has a body bounded to what a login needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_names_no_counter_after_what_the_client_sent_and_its_body_is_bounded() {
+    let app = TestApp::spawn(1).await;
+    let huge = format!("{}@example.com", "a".repeat(1 << 20));
+    let (status, body) = app
+        .call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({ "email": huge, "password": "x" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["statusCode"], json!(413));
+    let long = format!("{}@example.com", "b".repeat(10_000));
+    let (status, _) = app
+        .call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({ "email": long, "password": "x" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    if app.embedded {
+        return;
+    }
+    let keys = app.redis_keys(&format!("{}:count:*", app.prefix)).await;
+    assert!(!keys.is_empty(), "the address was counted");
+    for key in &keys {
+        assert!(
+            key.len() < 120,
+            "a counter named after the client's input: {key:.200}"
+        );
+    }
+}
+
+/// Twelve wrong passwords from another address lock that address out of the account, and
+/// slow the account down everywhere; parallel guesses from an address that has failed
+/// before share one wait; the owner still logs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guesser_at_another_address_slows_the_owner_down_but_cannot_lock_them_out() {
+    let app = TestApp::spawn(1).await;
+    let (status, _) = app
+        .call(
+            "POST",
+            "/auth/register",
+            None,
+            Some(json!({ "email": "owner@example.com", "password": "password123" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let guesser = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let resp = guesser
+            .post(app.url("/auth/login"))
+            .json(&json!({ "email": "owner@example.com", "password": "guess" }))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [[401; 10].as_slice(), &[429, 429]].concat());
+    // A second guesser that has failed once already sends four at once: they share one
+    // wait, so one is checked and the others are refused.
+    let second = reqwest::Client::builder()
+        .local_address("127.0.0.3".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let guess = || {
+        second
+            .post(app.url("/auth/login"))
+            .json(&json!({ "email": "owner@example.com", "password": "guess" }))
+            .send()
+    };
+    assert_eq!(guess().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let parallel = futures::future::join_all((0..4).map(|_| guess())).await;
+    let mut statuses: Vec<u16> = parallel
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [401, 429, 429, 429]);
+    let started = std::time::Instant::now();
+    let (status, body) = app
+        .call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({ "email": "owner@example.com", "password": "password123" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Ten failures, five past LOGIN_SLOWDOWN_AFTER: 5 × 250 ms.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1200));
+}
+
+/// Room creation is limited per user, a room's participants are capped (at creation and
+/// when adding), and the room list comes in pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_bounded_in_number_and_size_and_listed_in_pages() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| {
+        s.room_creations_per_user = 3;
+        s.max_room_participants = 3;
+    })
+    .await;
+    let (ann, _) = app.user("ann").await;
+    let mut others = Vec::new();
+    for name in ["bob", "cat", "dan"] {
+        others.push(app.user(name).await.1);
+    }
+    let create = |ids: Vec<String>| {
+        app.call(
+            "POST",
+            "/chat/rooms",
+            Some(&ann),
+            Some(json!({ "participantIds": ids })),
+        )
+    };
+    let (status, body) = create(others.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("at most 3"),
+        "{body}"
+    );
+    let (status, first) = create(vec![others[0].clone()]).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let room = first["_id"].as_str().unwrap().to_owned();
+    let participants = format!("/chat/rooms/{room}/participants");
+    let add = |user: &str| {
+        app.call(
+            "POST",
+            &participants,
+            Some(&ann),
+            Some(json!({ "userId": user })),
+        )
+    };
+    assert_eq!(add(&others[1]).await.0, StatusCode::OK);
+    let (status, body) = add(&others[2]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        add(&others[1]).await.0,
+        StatusCode::OK,
+        "adding a member again is fine"
+    );
+    let mut ids = vec![room.clone()];
+    for _ in 0..2 {
+        let (status, created) = create(vec![]).await;
+        assert_eq!(status, StatusCode::CREATED);
+        ids.push(created["_id"].as_str().unwrap().to_owned());
+    }
+    let (status, body) = create(vec![]).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    // Most recently active first: the last created.
+    let (status, page) = app
+        .call("GET", "/chat/rooms?limit=2", Some(&ann), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let listed: Vec<&str> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()]);
+    let (_, rest) = app
+        .call(
+            "GET",
+            &format!("/chat/rooms?limit=2&before={}", ids[1]),
+            Some(&ann),
+            None,
+        )
+        .await;
+    let listed: Vec<&str> = rest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [ids[0].as_str()]);
+    let (status, _) = app
+        .call("GET", "/chat/rooms?limit=0", Some(&ann), None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// A profile shows the e-mail only to the user and to people who share a room with them, and
+/// looking people up by id is limited like looking them up by e-mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_shows_the_email_only_to_roommates_and_lookups_are_limited() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| s.user_lookups_per_user = 3).await;
+    let (ann, _) = app.user("ann").await;
+    let (_, bob_id) = app.user("bob").await;
+    let (cat, _) = app.user("cat").await;
+    app.room(&ann, &[&bob_id]).await;
+    let path = format!("/users/{bob_id}");
+    let (_, seen_by_ann) = app.call("GET", &path, Some(&ann), None).await;
+    assert!(seen_by_ann["email"].as_str().is_some(), "{seen_by_ann}");
+    let (_, seen_by_cat) = app.call("GET", &path, Some(&cat), None).await;
+    assert_eq!(seen_by_cat["email"], Value::Null, "{seen_by_cat}");
+    assert!(seen_by_cat["displayName"].as_str().is_some());
+    // Guessing ids: limited.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let guess = format!("/users/{}", shared::ObjectId::new().to_hex());
+        statuses.push(app.call("GET", &guess, Some(&cat), None).await.0.as_u16());
+    }
+    assert_eq!(statuses, [404, 404, 429], "cat looked bob up once already");
+}
+
+/// A deleted user's token, still valid, opens nothing on REST, and an open socket of theirs
+/// is refused and cut off once its checks are renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_users_token_opens_nothing() {
+    let mut app = TestApp::spawn(0).await;
+    if app.skip_when_embedded("the user is deleted in MongoDB") {
+        return;
+    }
+    app.add_gateway_with(|s| s.membership_cache_secs = 1).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let room = app.room(&ann, &[]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let client = mongodb::Client::with_uri_str(app.mongo.uri())
+        .await
+        .unwrap();
+    client
+        .database(&app.db)
+        .collection::<mongodb::bson::Document>("users")
+        .delete_one(mongodb::bson::doc! { "_id": shared::ObjectId::parse_str(&ann_id).unwrap() })
+        .await
+        .unwrap();
+    for (method, path, body) in [
+        ("GET", "/chat/rooms".to_owned(), None),
+        ("POST", "/chat/rooms".to_owned(), Some(json!({}))),
+        ("GET", format!("/chat/rooms/{room}/messages"), None),
+    ] {
+        let (status, body) = app.call(method, &path, Some(&ann), body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+        assert_eq!(body["message"], json!("user no longer exists"));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let ack = a
+            .request("send_message", json!({ "roomId": room, "content": "?" }))
+            .await;
+        if ack["error"]["code"] == json!("UNAUTHORIZED") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still sending: {ack}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    a.wait_disconnected().await;
+}
+
+/// A client that trickles its request (headers or body) holds a connection for the timeouts
+/// at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| {
+        s.http_header_timeout_secs = 1;
+        s.http_body_timeout_secs = 1;
+    })
+    .await;
+    let port = app.port(0);
+    // Headers, a line every 300 ms: closed after about a second.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /auth/me HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    while started.elapsed() < std::time::Duration::from_secs(10) {
+        if slow.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(std::time::Duration::from_millis(300), slow.read(&mut buf)).await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(_)) => {
+                // hyper answers 408 before closing.
+                closed = true;
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(closed, "a trickled request kept its connection");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // A body that never comes in full: 408.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"email\"",
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        slow.read_to_string(&mut answer),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    // A body trickled a byte every 200 ms: the deadline is the whole body's, so 408 too.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    slow.write_all(
+        b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    while started.elapsed() < std::time::Duration::from_secs(5) {
+        if slow.write_all(b" ").await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(std::time::Duration::from_millis(200), slow.read(&mut buf)).await
+        {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if !answer.is_empty() {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }

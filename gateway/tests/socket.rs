@@ -1117,7 +1117,76 @@ async fn unknown_events_and_unreadable_payloads_get_clear_errors() {
         message.starts_with("payload is not valid JSON: "),
         "{message}"
     );
-    assert!(!message.contains("line"), "{message}");
+    assert!(
+        !message.contains("line") && !message.contains("borrowed"),
+        "{message}"
+    );
+    // Broken JSON, or no array: answered, and the connection stays open.
+    for broken in [
+        format!("[\"send_message\",{{\"roomId\":\"{room}\",\"content\":"),
+        "{\"event\":\"send_message\"}".to_owned(),
+        "[1,2]".to_owned(),
+    ] {
+        let ack = a.raw_request(|id| format!("42/chat,{id}{broken}")).await;
+        assert_eq!(
+            ack["error"]["code"],
+            json!("BAD_REQUEST"),
+            "{broken}: {ack}"
+        );
+    }
+    // An event name written with escapes is the same name.
+    let ack = a
+        .raw_request(|id| {
+            format!(
+                "42/chat,{id}[\"send\\u005fmessage\",{{\"roomId\":\"{room}\",\"content\":\"escaped\"}}]"
+            )
+        })
+        .await;
+    assert_eq!(ack["ok"], json!(true), "{ack}");
+    assert_eq!(a.next("message").await["content"], json!("escaped"));
+    assert!(!a.is_disconnected());
+    // Binary packets: the chat has none. One with attachments is refused (the connection
+    // closed) rather than held until its attachments come.
+    let b = app.member(0, &ann, &[]).await;
+    b.send_raw(format!(
+        "451-/chat,[\"send_message\",{{\"roomId\":\"{room}\",\"content\":{{\"_placeholder\":true,\"num\":0}}}}]"
+    ));
+    b.wait_disconnected().await;
+}
+
+/// A polling session that asks for unknown namespaces and never polls fills its buffer with
+/// the answers: it is closed then (one warning), not kept open logging an error per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_polling_session_flooding_unknown_namespaces_is_closed() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| {
+        s.socket_buffer_size = 8;
+        s.replay_limit = 4;
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let base = format!(
+        "http://127.0.0.1:{}/socket.io/?EIO=4&transport=polling",
+        app.port(0)
+    );
+    let open = http.get(&base).send().await.unwrap().text().await.unwrap();
+    let sid = open
+        .split("\"sid\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("a session id")
+        .to_owned();
+    let url = format!("{base}&sid={sid}");
+    let mut closed_after = None;
+    for i in 0..200 {
+        let status = http.post(&url).body("40/a,").send().await.unwrap().status();
+        if !status.is_success() {
+            closed_after = Some(i);
+            break;
+        }
+    }
+    let n = closed_after.expect("the session was never closed");
+    assert!(n <= 32, "closed only after {n} requests");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1162,12 +1231,15 @@ async fn an_ack_id_too_large_is_refused_before_the_event_runs() {
     let app = TestApp::spawn(1).await;
     let (ann, _) = app.user("ann").await;
     let room = app.room(&ann, &[]).await;
-    let a = app.member(0, &ann, &[&room]).await;
-    // Larger than any 64-bit integer: read as "no ack", the message was stored unanswered.
-    a.send_raw(format!(
-        "42/chat,99999999999999999999999[\"send_message\",{{\"roomId\":\"{room}\",\"content\":\"lost ack\"}}]"
-    ));
-    a.wait_disconnected().await;
+    // Larger than any 64-bit integer, or not followed at once by the data: read as "no ack",
+    // the message was stored unanswered.
+    for ack in ["99999999999999999999999", "99999999999999999999999 ", "7 "] {
+        let a = app.member(0, &ann, &[&room]).await;
+        a.send_raw(format!(
+            "42/chat,{ack}[\"send_message\",{{\"roomId\":\"{room}\",\"content\":\"lost ack\"}}]"
+        ));
+        a.wait_disconnected().await;
+    }
     // A malformed packet closes the connection, as Socket.IO servers do; nothing was sent.
     let mut b = app.member(0, &ann, &[&room]).await;
     let ack = b
@@ -1224,4 +1296,33 @@ async fn a_removal_that_never_reached_redis_is_seen_within_the_cache_time_and_it
     let path = format!("/chat/rooms/{room}/participants/{ann_id}");
     let (status, _) = app.call("DELETE", &path, Some(&carol), None).await;
     assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
+}
+
+/// One address holds at most `MAX_CONNECTIONS_PER_ADDRESS` connections on a gateway,
+/// authenticated or not; a closed one makes room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_bounded() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| s.max_connections_per_address = 2)
+        .await;
+    let (ann, _) = app.user("ann").await;
+    let a = app.member(0, &ann, &[]).await;
+    let _b = app.member(0, &ann, &[]).await;
+    let refused = SioClient::connect(app.port(0), Some(json!({ "token": ann })), &[]).await;
+    let error = refused.err().expect("a third connection from the address");
+    assert!(error.contains("429"), "{error}");
+    // An Engine.IO close: the session ends.
+    a.send_raw("1".into());
+    a.wait_disconnected().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while SioClient::connect(app.port(0), Some(json!({ "token": ann })), &[])
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -191,9 +191,27 @@ function start(user) {
 
 // ---- Rooms -----------------------------------------------------------------------------
 
+// The API lists rooms a page at a time, most recently active first: up to ROOM_PAGES pages.
+const ROOM_PAGE = 100;
+const ROOM_PAGES = 10;
+
+async function fetchRooms() {
+  const rooms = [];
+  const seen = new Set();
+  for (let page = 0; page < ROOM_PAGES; page += 1) {
+    const before = rooms.length ? `&before=${rooms[rooms.length - 1]._id}` : '';
+    const next = await api('GET', `/chat/rooms?limit=${ROOM_PAGE}${before}`);
+    const fresh = next.filter((room) => !seen.has(room._id));
+    fresh.forEach((room) => seen.add(room._id));
+    rooms.push(...fresh);
+    if (next.length < ROOM_PAGE || fresh.length === 0) break;
+  }
+  return rooms;
+}
+
 async function loadRooms() {
   try {
-    const rooms = await api('GET', '/chat/rooms');
+    const rooms = await fetchRooms();
     const list = $('rooms');
     list.replaceChildren(
       ...rooms.map((room) => {

@@ -55,7 +55,15 @@ impl Store for FlakyStore {
     async fn room(&self, _: ObjectId) -> Result<Option<Room>, StoreError> {
         unimplemented!()
     }
-    async fn rooms_of(&self, _: ObjectId) -> Result<Vec<Room>, StoreError> {
+    async fn rooms_of(
+        &self,
+        _: ObjectId,
+        _: Option<ObjectId>,
+        _: u32,
+    ) -> Result<Vec<Room>, StoreError> {
+        unimplemented!()
+    }
+    async fn share_a_room(&self, _: ObjectId, _: ObjectId) -> Result<bool, StoreError> {
         unimplemented!()
     }
     async fn remove_participant(
@@ -65,7 +73,12 @@ impl Store for FlakyStore {
     ) -> Result<Option<Room>, StoreError> {
         unimplemented!()
     }
-    async fn add_participant(&self, _: ObjectId, _: ObjectId) -> Result<Option<Room>, StoreError> {
+    async fn add_participant(
+        &self,
+        _: ObjectId,
+        _: ObjectId,
+        _: usize,
+    ) -> Result<Option<Room>, StoreError> {
         unimplemented!()
     }
     async fn insert_messages(&self, messages: &[SequencedMessage]) -> Result<(), StoreError> {

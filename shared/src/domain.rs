@@ -28,14 +28,41 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
 }
 
-/// Characters that take no room on screen: a text of only these (and spaces) looks empty.
+/// Characters that take no room on screen: a text of only these (and spaces) looks empty,
+/// and an address holding one looks like another (`adm\u{AD}in@…` shows as `admin@…`).
+/// Zero-width and joining marks, the soft hyphen, fillers that render as blanks (Hangul and
+/// half-width fillers, the blank Braille pattern), invisible operators and deprecated
+/// format characters, variation selectors and tag characters.
 fn is_invisible(c: char) -> bool {
     c.is_whitespace()
         || matches!(
             c,
-            '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{180E}'
+            '\u{00AD}'
+                | '\u{034F}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{180B}'..='\u{180F}'
+                | '\u{200B}'..='\u{200D}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{206A}'..='\u{206F}'
+                | '\u{2800}'
+                | '\u{3164}'
+                | '\u{FE00}'..='\u{FE0F}'
+                | '\u{FEFF}'
+                | '\u{FFA0}'
+                | '\u{E0000}'..='\u{E007F}'
+                | '\u{E0100}'..='\u{E01EF}'
         )
         || is_bidi_control(c)
+}
+
+/// Direction overrides and isolates: text after them shows reversed or moved, so a message
+/// can show what it does not say. The plain marks (LRM, RLM, ALM) change nothing by themselves
+/// and stay allowed in messages.
+fn is_direction_override(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Control characters (C0, DEL, C1: NUL, the escape that starts terminal sequences…).
@@ -60,6 +87,11 @@ impl MessageContent {
         if raw.chars().any(is_control_in_text) {
             return Err(InvalidInput(
                 "content must not contain control characters".into(),
+            ));
+        }
+        if raw.chars().any(is_direction_override) {
+            return Err(InvalidInput(
+                "content must not contain text-direction overrides".into(),
             ));
         }
         // Counting code points (not bytes, not UTF-16 units) matches the contract.
@@ -144,6 +176,20 @@ impl Email {
     pub fn local_part(&self) -> &str {
         self.0.split('@').next().unwrap_or_default()
     }
+
+    /// A short fingerprint of the address, for the names of counters: bounded in length and
+    /// not the address itself.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.0)
+    }
+}
+
+/// The first 16 hex digits of a text's SHA-256: bounded, stable across processes and
+/// releases, and enough to tell texts apart where that is all that is asked.
+pub fn fingerprint(text: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Shortest accepted password, in characters.
@@ -217,9 +263,23 @@ mod tests {
         assert!(MessageContent::parse("a".repeat(MAX_CONTENT_CHARS + 1)).is_err());
         // Line breaks and tabs are text; blanks, NUL and terminal escapes are not.
         assert!(MessageContent::parse("line 1\nline 2\tend".into()).is_ok());
-        for bad in [" ", " \n\t ", "\u{200B}\u{200B}", "a\0b", "\u{1b}[31mred"] {
+        for bad in [
+            " ",
+            " \n\t ",
+            "\u{200B}\u{200B}",
+            "a\0b",
+            "\u{1b}[31mred",
+            "\u{3164}",
+            "\u{2800}\u{2800}",
+            "\u{AD}",
+            "\u{FFA0} \u{115F}",
+            "see \u{202E}gnp.exe",
+            "\u{2066}x",
+        ] {
             assert!(MessageContent::parse(bad.into()).is_err(), "{bad:?}");
         }
+        // The plain marks are text.
+        assert!(MessageContent::parse("שלום \u{200F}ok".into()).is_ok());
     }
 
     #[test]
@@ -234,6 +294,9 @@ mod tests {
             "\u{1b}[2Jx",
             "evil\u{202E}gnp.exe",
             "tab\tname",
+            "\u{3164}",
+            "\u{2800}",
+            "\u{AD}\u{AD}",
         ] {
             assert!(parse_name("name", bad).is_err(), "{bad:?}");
         }
@@ -258,6 +321,9 @@ mod tests {
             "a\u{202E}b@c.d",
             "<a>@c.d",
             "\"a\"@c.d",
+            "adm\u{AD}in@c.d",
+            "a\u{3164}@c.d",
+            "a\u{2800}b@c.d",
         ] {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }

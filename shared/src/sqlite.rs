@@ -323,18 +323,52 @@ impl Store for SqliteStore {
         self.with(move |c| load_room(c, id)).await
     }
 
-    async fn rooms_of(&self, user: ObjectId) -> Result<Vec<Room>, StoreError> {
+    async fn rooms_of(
+        &self,
+        user: ObjectId,
+        before: Option<ObjectId>,
+        limit: u32,
+    ) -> Result<Vec<Room>, StoreError> {
         self.with(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT r.id FROM rooms r JOIN room_participants p ON p.room_id = r.id
-                 WHERE p.user_id = ?1 ORDER BY r.active_at DESC, r.id DESC",
-            )?;
-            let ids = stmt
-                .query_map(params![user.to_hex()], |r| oid(&r.get::<_, String>(0)?))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let user = user.to_hex();
+            let ids = match before {
+                None => {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT r.id FROM rooms r JOIN room_participants p ON p.room_id = r.id
+                         WHERE p.user_id = ?1 ORDER BY r.active_at DESC, r.id DESC LIMIT ?2",
+                    )?;
+                    stmt.query_map(params![user, limit], |r| oid(&r.get::<_, String>(0)?))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                Some(before) => {
+                    let mut stmt = c.prepare_cached(
+                        "SELECT r.id FROM rooms r JOIN room_participants p ON p.room_id = r.id
+                         JOIN rooms a ON a.id = ?2
+                         JOIN room_participants ap ON ap.room_id = a.id AND ap.user_id = ?1
+                         WHERE p.user_id = ?1
+                           AND (r.active_at < a.active_at OR (r.active_at = a.active_at AND r.id < a.id))
+                         ORDER BY r.active_at DESC, r.id DESC LIMIT ?3",
+                    )?;
+                    stmt.query_map(params![user, before.to_hex(), limit], |r| {
+                        oid(&r.get::<_, String>(0)?)
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+                }
+            };
             ids.into_iter()
                 .filter_map(|id| load_room(c, id).transpose())
                 .collect()
+        })
+        .await
+    }
+
+    async fn share_a_room(&self, a: ObjectId, b: ObjectId) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT 1 FROM room_participants x JOIN room_participants y ON x.room_id = y.room_id
+                 WHERE x.user_id = ?1 AND y.user_id = ?2 LIMIT 1",
+            )?;
+            Ok(stmt.exists(params![a.to_hex(), b.to_hex()])?)
         })
         .await
     }
@@ -358,11 +392,15 @@ impl Store for SqliteStore {
         &self,
         room: ObjectId,
         user: ObjectId,
+        max: usize,
     ) -> Result<Option<Room>, StoreError> {
         self.with(move |c| {
             let tx = c.transaction()?;
-            if load_room(&tx, room)?.is_none() {
+            let Some(current) = load_room(&tx, room)? else {
                 return Ok(None);
+            };
+            if !current.has_participant(&user) && current.participants.len() >= max {
+                return Err(StoreError::Full);
             }
             tx.execute(
                 "INSERT OR IGNORE INTO room_participants (room_id, user_id) VALUES (?1, ?2)",
@@ -627,9 +665,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(older.len(), 3);
-        assert_eq!(store.rooms_of(bob.id).await.unwrap()[0].id, room.id);
+        assert_eq!(
+            store.rooms_of(bob.id, None, 10).await.unwrap()[0].id,
+            room.id
+        );
         assert!(
-            store.rooms_of(bob.id).await.unwrap()[0]
+            store.rooms_of(bob.id, None, 10).await.unwrap()[0]
                 .last_message_at
                 .is_some()
         );
@@ -641,7 +682,7 @@ mod tests {
         assert_eq!(after.participants, vec![ann.id]);
         assert!(
             store
-                .add_participant(ObjectId::new(), bob.id)
+                .add_participant(ObjectId::new(), bob.id, 10)
                 .await
                 .unwrap()
                 .is_none()

@@ -108,6 +108,9 @@ pub enum StoreError {
     /// A unique value (a user's e-mail) is taken.
     #[error("already exists")]
     Conflict,
+    /// The room has the most participants allowed.
+    #[error("the room is full")]
+    Full,
     /// [`Store::insert_messages`] stopped at a message whose room already gives its number to
     /// another message; the `stored` messages before it are stored.
     #[error("sequence number {seq} of room {room} is held by another message")]
@@ -162,19 +165,30 @@ pub trait Store: Send + Sync + 'static {
         participants: Vec<ObjectId>,
     ) -> Result<Room, StoreError>;
     async fn room(&self, id: ObjectId) -> Result<Option<Room>, StoreError>;
-    /// A user's rooms, most recently active first.
-    async fn rooms_of(&self, user: ObjectId) -> Result<Vec<Room>, StoreError>;
+    /// A user's rooms, most recently active first, at most `limit`; with `before` (one of the
+    /// user's rooms), those less recently active than it.
+    async fn rooms_of(
+        &self,
+        user: ObjectId,
+        before: Option<ObjectId>,
+        limit: u32,
+    ) -> Result<Vec<Room>, StoreError>;
+    /// Whether two users are participants of one room together.
+    async fn share_a_room(&self, a: ObjectId, b: ObjectId) -> Result<bool, StoreError>;
     /// Removes a participant; `None` when the room does not exist.
     async fn remove_participant(
         &self,
         room: ObjectId,
         user: ObjectId,
     ) -> Result<Option<Room>, StoreError>;
-    /// Adds a participant (no-op when already one); `None` when the room does not exist.
+    /// Adds a participant (no-op when already one); `None` when the room does not exist,
+    /// [`StoreError::Full`] when it has `max` participants already (checked in the same
+    /// step, so concurrent adds cannot pass it together).
     async fn add_participant(
         &self,
         room: ObjectId,
         user: ObjectId,
+        max: usize,
     ) -> Result<Option<Room>, StoreError>;
 
     /// Stores messages in the given order. Idempotent: a message whose id is already stored
@@ -628,24 +642,70 @@ impl Store for MongoStore {
             .map(Room::from))
     }
 
-    async fn rooms_of(&self, user: ObjectId) -> Result<Vec<Room>, StoreError> {
+    async fn rooms_of(
+        &self,
+        user: ObjectId,
+        before: Option<ObjectId>,
+        limit: u32,
+    ) -> Result<Vec<Room>, StoreError> {
+        let mut filter = doc! { "participants": user };
+        if let Some(before) = before {
+            let anchor = self
+                .rooms
+                .find_one(doc! { "_id": before, "participants": user })
+                .await?;
+            let Some(anchor) = anchor else {
+                return Ok(Vec::new());
+            };
+            filter.insert(
+                "$or",
+                vec![
+                    doc! { "activeAt": { "$lt": anchor.active_at } },
+                    doc! { "activeAt": anchor.active_at, "_id": { "$lt": before } },
+                ],
+            );
+        }
         let docs: Vec<RoomDoc> = self
             .rooms
-            .find(doc! { "participants": user })
+            .find(filter)
             .sort(doc! { "activeAt": -1, "_id": -1 })
+            .limit(i64::from(limit))
             .await?
             .try_collect()
             .await?;
         Ok(docs.into_iter().map(Room::from).collect())
     }
 
+    async fn share_a_room(&self, a: ObjectId, b: ObjectId) -> Result<bool, StoreError> {
+        let shared = self
+            .rooms
+            .clone_with_type::<Document>()
+            .find_one(doc! { "participants": { "$all": [a, b] } })
+            .projection(doc! { "_id": 1 })
+            .await?;
+        Ok(shared.is_some())
+    }
+
     async fn add_participant(
         &self,
         room: ObjectId,
         user: ObjectId,
+        max: usize,
     ) -> Result<Option<Room>, StoreError> {
-        self.update_room(room, doc! { "$addToSet": { "participants": user } })
-            .await
+        // Only while the room has fewer than `max`: its participant at index max - 1 does not
+        // exist yet.
+        let room_filter = doc! { "_id": room, format!("participants.{}", max.saturating_sub(1)): { "$exists": false } };
+        let result = self
+            .rooms
+            .update_one(room_filter, doc! { "$addToSet": { "participants": user } })
+            .await?;
+        let current = self.room(room).await?;
+        match current {
+            Some(r) if result.matched_count == 0 && !r.has_participant(&user) => {
+                Err(StoreError::Full)
+            }
+            other => Ok(other),
+        }
     }
 
     async fn remove_participant(

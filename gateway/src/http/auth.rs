@@ -1,5 +1,6 @@
 //! `/auth/register`, `/auth/login`, `/auth/me`.
 
+use crate::address::client_address;
 use crate::error::ChatError;
 use crate::http::HttpState;
 use crate::http::extract::{Authenticated, JsonBody};
@@ -15,8 +16,9 @@ use serde_json::{Value, json};
 use shared::ObjectId;
 use shared::domain::{Email, check_new_password, parse_name};
 use shared::store::{StoreError, User};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::LazyLock;
+use std::time::Duration;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -118,7 +120,10 @@ pub async fn register(
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterBody>,
 ) -> Result<(StatusCode, Json<Value>), ChatError> {
-    let ip_key = format!("register:ip:{}", client_ip(&state, peer, &headers));
+    let ip_key = format!(
+        "register:ip:{}",
+        client_address(state.login.trusted_proxy_hops, peer, &headers)
+    );
     count_attempt(
         &state,
         &ip_key,
@@ -148,29 +153,6 @@ pub async fn register(
     Ok((StatusCode::CREATED, session(&state, user)?))
 }
 
-/// The client's address. Behind `TRUSTED_PROXY_HOPS` proxies, each of which appends the
-/// address it received the request from to `X-Forwarded-For`, it is the entry that many
-/// places from the right: entries further left were written by the client and can be
-/// forged. Without trusted proxies, or with fewer entries than hops, the connection's peer.
-fn client_ip(state: &HttpState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
-    let hops = state.login.trusted_proxy_hops;
-    if hops == 0 {
-        return peer.ip();
-    }
-    let forwarded: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    forwarded
-        .len()
-        .checked_sub(hops)
-        .and_then(|i| forwarded[i].parse().ok())
-        .unwrap_or_else(|| peer.ip())
-}
-
 /// Counts an attempt against a limit first, then compares, in one atomic step, so that
 /// parallel attempts cannot all pass a check made before any of them was counted. An
 /// attempt over the limit is refused (429) and not counted.
@@ -179,11 +161,22 @@ pub(crate) async fn count_attempt(
     key: &str,
     max: u64,
     refusal: &str,
-) -> Result<(), ChatError> {
+) -> Result<u64, ChatError> {
+    count_attempt_in(state, key, max, state.login.window, refusal).await
+}
+
+/// [`count_attempt`] in a window of its own; returns the count with this attempt.
+async fn count_attempt_in(
+    state: &HttpState,
+    key: &str,
+    max: u64,
+    window: Duration,
+    refusal: &str,
+) -> Result<u64, ChatError> {
     let counters = &state.login.counters;
-    let attempts = counters.increment(key, state.login.window).await?;
+    let attempts = counters.increment(key, window).await?;
     if attempts <= max {
-        return Ok(());
+        return Ok(attempts);
     }
     counters.decrement(key).await?;
     metrics::counter!("chat_gateway_login_rate_limited_total").increment(1);
@@ -204,8 +197,18 @@ pub(crate) async fn count_lookup(state: &HttpState, user: &ObjectId) -> Result<(
         "too many user lookups, try again later",
     )
     .await
+    .map(drop)
 }
 
+/// Logs in. Refused with 429 past `LOGIN_MAX_FAILURES_PER_IP` failures from the client's
+/// address, and past `LOGIN_MAX_FAILURES_PER_EMAIL` failures for the e-mail from that
+/// address. Past `LOGIN_SLOWDOWN_AFTER` failures for the e-mail from anywhere (counted for
+/// the whole window, successes or not), each attempt waits longer before the password is
+/// checked, and the addresses that have failed on the e-mail before share one attempt per
+/// wait (429 otherwise), so that parallel attempts do not share a wait either. An address
+/// new to the e-mail, the owner's, is only slowed: a guesser elsewhere slows the owner down
+/// but cannot lock them out. The e-mail's counters are named by its fingerprint, never by
+/// what the client sent.
 pub async fn login(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -213,29 +216,50 @@ pub async fn login(
     JsonBody(body): JsonBody<LoginBody>,
 ) -> Result<Json<Value>, ChatError> {
     let refused = || ChatError::Unauthorized("invalid email or password".into());
-    // Counted by the normalised e-mail whether or not it exists, so limits reveal nothing.
-    let email_key = format!("login:email:{}", body.email.trim().to_lowercase());
-    let ip_key = format!("login:ip:{}", client_ip(&state, peer, &headers));
     const REFUSAL: &str = "too many failed logins, try again later";
-    count_attempt(
+    let address = client_address(state.login.trusted_proxy_hops, peer, &headers);
+    let ip_key = format!("login:ip:{address}");
+    count_attempt(&state, &ip_key, state.login.max_failures_per_ip, REFUSAL).await?;
+    // A malformed e-mail cannot be registered: a failure, with the same answer as an unknown
+    // one, and no counter named after it.
+    let Ok(email) = Email::parse(&body.email) else {
+        return Err(refused());
+    };
+    let account_key = format!("login:account:{}", email.fingerprint());
+    let pair_key = format!("login:ip-account:{address}:{}", email.fingerprint());
+    let from_here = match count_attempt(
         &state,
-        &email_key,
+        &pair_key,
         state.login.max_failures_per_email,
         REFUSAL,
     )
-    .await?;
-    if let Err(limited) =
-        count_attempt(&state, &ip_key, state.login.max_failures_per_ip, REFUSAL).await
+    .await
     {
-        state.login.counters.decrement(&email_key).await?;
-        return Err(limited);
+        Ok(attempts) => attempts,
+        Err(limited) => {
+            state.login.counters.decrement(&ip_key).await?;
+            return Err(limited);
+        }
+    };
+    let (failures, _) = state.login.counters.get(&account_key).await?;
+    if let Some(over) = failures
+        .checked_sub(state.login.slowdown_after)
+        .filter(|n| *n > 0)
+    {
+        let wait =
+            (LOGIN_SLOWDOWN_STEP * u32::try_from(over).unwrap_or(u32::MAX)).min(LOGIN_SLOWDOWN_MAX);
+        if from_here > 1 {
+            let gate = format!("login:gate:{}", email.fingerprint());
+            if let Err(limited) = count_attempt_in(&state, &gate, 1, wait, REFUSAL).await {
+                state.login.counters.decrement(&pair_key).await?;
+                state.login.counters.decrement(&ip_key).await?;
+                return Err(limited);
+            }
+        }
+        tokio::time::sleep(wait).await;
     }
 
-    // A malformed e-mail cannot be registered: same answer as an unknown one.
-    let credentials = match Email::parse(&body.email) {
-        Ok(email) => state.chat.store.user_credentials(email.as_str()).await?,
-        Err(_) => None,
-    };
+    let credentials = state.chat.store.user_credentials(email.as_str()).await?;
     let verified = match credentials {
         Some(credentials) => verify_password(&state, body.password, credentials.password_hash)
             .await
@@ -248,19 +272,31 @@ pub async fn login(
         Ok(ok) => ok,
         // Not checked, so not a failure: uncounted.
         Err(busy) => {
-            state.login.counters.decrement(&email_key).await?;
+            state.login.counters.decrement(&pair_key).await?;
             state.login.counters.decrement(&ip_key).await?;
             return Err(busy);
         }
     };
-    // A failure stays counted; a success is not a failure.
+    // A failure stays counted (and slows the account down); a success is not a failure.
     let Some(user) = ok else {
+        state
+            .login
+            .counters
+            .increment(&account_key, state.login.window)
+            .await?;
         return Err(refused());
     };
-    state.login.counters.reset(&email_key).await?;
+    // The account's failures stay: an owner logging in often must not lift a guesser's
+    // slowdown.
+    state.login.counters.reset(&pair_key).await?;
     state.login.counters.decrement(&ip_key).await?;
     session(&state, user)
 }
+
+/// How much longer each login waits per failure of its e-mail past `LOGIN_SLOWDOWN_AFTER`,
+/// and at most.
+const LOGIN_SLOWDOWN_STEP: Duration = Duration::from_millis(250);
+const LOGIN_SLOWDOWN_MAX: Duration = Duration::from_secs(5);
 
 pub async fn me(
     State(state): State<HttpState>,

@@ -7,7 +7,9 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use shared::jwt::{AuthUser, TokenError, bearer};
 
-/// The user of a valid `Authorization: Bearer` token; 401 otherwise.
+/// The user of a valid `Authorization: Bearer` token whose user still exists; 401 otherwise.
+/// When the store does not answer, the token alone is trusted (as sockets trust it): reads
+/// fail with 503 then anyway.
 pub struct Authenticated(pub AuthUser);
 
 impl FromRequestParts<HttpState> for Authenticated {
@@ -24,11 +26,17 @@ impl FromRequestParts<HttpState> for Authenticated {
                 .ok_or(TokenError::Invalid)
                 .and_then(|t| state.chat.jwt.verify(t)),
         };
-        result.map(Authenticated).map_err(|e| {
+        let user = result.map_err(|e| {
             metrics::counter!("chat_gateway_auth_failures_total", "reason" => e.reason())
                 .increment(1);
-            e.into()
-        })
+            ChatError::from(e)
+        })?;
+        if state.chat.users.deleted(user.id).await {
+            metrics::counter!("chat_gateway_auth_failures_total", "reason" => "unknown_user")
+                .increment(1);
+            return Err(ChatError::Unauthorized("user no longer exists".into()));
+        }
+        Ok(Authenticated(user))
     }
 }
 
@@ -52,9 +60,29 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             Err(JsonRejection::JsonDataError(e)) => {
                 Err(ChatError::BadRequest(serde_detail(&e.body_text())))
             }
+            Err(rejection) if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ChatError::TooLarge(
+                    "request body too large for this route".into(),
+                ))
+            }
+            Err(rejection) if caused_by_timeout(&rejection) => Err(ChatError::TooSlow(
+                "the request body did not arrive in time".into(),
+            )),
             Err(rejection) => Err(ChatError::BadRequest(rejection.body_text())),
         }
     }
+}
+
+/// Whether reading the body stopped at `HTTP_BODY_TIMEOUT_SECS` (see `crate::serve`).
+fn caused_by_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<crate::serve::BodyTooSlow>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Query parameters; 400 in the API's error shape otherwise (a repeated parameter, say).

@@ -12,7 +12,7 @@ use crate::chat::Chat;
 use crate::drain::Drain;
 use crate::error::ChatError;
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +28,8 @@ pub struct HttpState {
     /// Password hashing threads behind a bounded queue.
     pub hasher: Arc<hashing::Hasher>,
     pub login: LoginLimits,
+    /// `MAX_ROOM_PARTICIPANTS`.
+    pub max_room_participants: usize,
 }
 
 /// Brute-force protection of `/auth/login`.
@@ -35,8 +37,13 @@ pub struct HttpState {
 pub struct LoginLimits {
     /// Failure counters, shared by every gateway (Redis) or in this process (embedded).
     pub counters: std::sync::Arc<dyn shared::counters::Counters>,
+    /// Failed logins of one e-mail from one address.
     pub max_failures_per_email: u64,
     pub max_failures_per_ip: u64,
+    /// Failed logins of one e-mail from anywhere after which each login waits longer.
+    pub slowdown_after: u64,
+    /// Rooms a user may create per window.
+    pub max_room_creations: u64,
     /// Registrations from one client address per window.
     pub max_registrations_per_ip: u64,
     /// `GET /users?email=` lookups, and answers naming an unknown user id, per user and
@@ -47,12 +54,25 @@ pub struct LoginLimits {
     pub trusted_proxy_hops: usize,
 }
 
+/// The largest request body of most routes (sign-ups, logins, a participant to add): a
+/// 1 MB e-mail is refused with 413 before anything reads it.
+const BODY_LIMIT: usize = 16 * 1024;
+/// A message's body: 10,000 characters, each of which JSON may write as a 12-byte escape pair.
+const MESSAGE_BODY_LIMIT: usize = 128 * 1024;
+
 pub fn router(state: HttpState) -> Router {
+    // A room's creation names up to MAX_ROOM_PARTICIPANTS ids of 26 bytes each in JSON.
+    let create_room_limit = BODY_LIMIT + 32 * state.max_room_participants;
     Router::new()
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
         .route("/auth/me", get(auth::me))
-        .route("/chat/rooms", post(rooms::create).get(rooms::list))
+        .route(
+            "/chat/rooms",
+            post(rooms::create)
+                .layer(DefaultBodyLimit::max(create_room_limit))
+                .get(rooms::list),
+        )
         .route("/chat/rooms/{id}", get(rooms::get))
         .route(
             "/chat/rooms/{id}/participants",
@@ -64,12 +84,15 @@ pub fn router(state: HttpState) -> Router {
         )
         .route(
             "/chat/rooms/{id}/messages",
-            get(rooms::messages).post(rooms::post_message),
+            get(rooms::messages)
+                .post(rooms::post_message)
+                .layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT)),
         )
         .route("/users", get(users::find))
         .route("/users/{id}", get(users::get))
         .fallback(not_found)
         .method_not_allowed_fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.drain.clone(), admit))
         .with_state(state)
 }

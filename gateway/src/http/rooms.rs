@@ -16,11 +16,9 @@ use shared::store::Room;
 use shared::wire::{ChatMessage, MemberRemoved, RoomEvent};
 use std::collections::HashMap;
 
-/// Default and largest page of `GET /chat/rooms/:id/messages`.
+/// Default and largest page of `GET /chat/rooms/:id/messages` and of `GET /chat/rooms`.
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 100;
-/// Most participants a room can be created with in one request.
-const MAX_PARTICIPANTS: usize = 1000;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -50,24 +48,36 @@ impl AddParticipantBody {
 }
 
 impl CreateRoomBody {
-    /// The room's name and its participants, the creator first, without duplicates.
-    pub fn validate(self, creator: ObjectId) -> Result<(Option<String>, Vec<ObjectId>), ChatError> {
+    /// The room's name and its participants, the creator first, without duplicates, at
+    /// most `max` with the creator.
+    pub fn validate(
+        self,
+        creator: ObjectId,
+        max: usize,
+    ) -> Result<(Option<String>, Vec<ObjectId>), ChatError> {
         let name = self
             .name
             .as_deref()
             .map(|n| parse_name("name", n))
             .transpose()?;
-        if self.participant_ids.len() > MAX_PARTICIPANTS {
-            return Err(ChatError::BadRequest(format!(
-                "at most {MAX_PARTICIPANTS} participants"
-            )));
+        let too_many = || {
+            ChatError::BadRequest(format!(
+                "a room has at most {max} participants, its creator included"
+            ))
+        };
+        if self.participant_ids.len() > max {
+            return Err(too_many());
         }
         let mut participants = vec![creator];
+        let mut seen = std::collections::HashSet::from([creator]);
         for raw in &self.participant_ids {
             let id = parse_object_id("participantIds", raw)?;
-            if !participants.contains(&id) {
+            if seen.insert(id) {
                 participants.push(id);
             }
+        }
+        if participants.len() > max {
+            return Err(too_many());
         }
         Ok((name, participants))
     }
@@ -86,14 +96,27 @@ impl PostMessageBody {
     }
 }
 
+/// Creates a room. Limited per user (`ROOM_CREATIONS_PER_USER` per `LOGIN_WINDOW_SECS`):
+/// each room costs every gateway of its members a feed and a subscription.
 pub async fn create(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
     JsonBody(body): JsonBody<CreateRoomBody>,
 ) -> Result<(StatusCode, Json<Room>), ChatError> {
-    let (name, participants) = body.validate(user.id)?;
+    let (name, participants) = body.validate(user.id, state.max_room_participants)?;
+    // Counted before the room exists, so that parallel creations cannot all pass; taken
+    // back when no room is created (it is a lookup then, counted as one).
+    let creations = format!("rooms:user:{}", user.id.to_hex());
+    super::auth::count_attempt(
+        &state,
+        &creations,
+        state.login.max_room_creations,
+        "too many rooms created, try again later",
+    )
+    .await?;
     let missing = state.chat.store.missing_users(&participants[1..]).await?;
     if let Some(id) = missing.first() {
+        state.login.counters.decrement(&creations).await?;
         super::auth::count_lookup(&state, &user.id).await?;
         return Err(ChatError::NotFound(format!(
             "user {} not found",
@@ -105,11 +128,50 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(room)))
 }
 
+/// `GET /chat/rooms?limit=&before=`: the user's rooms, most recently active first, at most
+/// `limit` (default 50, at most 100); with `before` (a room id from the page before), the
+/// ones after it.
 pub async fn list(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
+    QueryParams(pairs): QueryParams<Vec<(String, String)>>,
 ) -> Result<Json<Vec<Room>>, ChatError> {
-    Ok(Json(state.chat.store.rooms_of(user.id).await?))
+    let query = single_values(pairs)?;
+    let limit = page_limit(&query)?;
+    let before = query
+        .get("before")
+        .map(|raw| parse_object_id("before", raw))
+        .transpose()?;
+    Ok(Json(
+        state.chat.store.rooms_of(user.id, before, limit).await?,
+    ))
+}
+
+/// Query parameters, each at most once.
+fn single_values(pairs: Vec<(String, String)>) -> Result<HashMap<String, String>, ChatError> {
+    let mut query = HashMap::new();
+    for (key, value) in pairs {
+        if query.contains_key(&key) {
+            return Err(ChatError::BadRequest(format!(
+                "{key} is given more than once"
+            )));
+        }
+        query.insert(key, value);
+    }
+    Ok(query)
+}
+
+/// `limit`: a positive integer, at most [`MAX_PAGE`]; [`DEFAULT_PAGE`] when absent.
+fn page_limit(query: &HashMap<String, String>) -> Result<u32, ChatError> {
+    match query.get("limit") {
+        None => Ok(DEFAULT_PAGE),
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n.min(MAX_PAGE)),
+            _ => Err(ChatError::BadRequest(
+                "limit must be a positive integer".into(),
+            )),
+        },
+    }
 }
 
 pub async fn get(
@@ -149,7 +211,7 @@ pub async fn add_participant(
     state
         .chat
         .store
-        .add_participant(room, new)
+        .add_participant(room, new, state.max_room_participants)
         .await?
         .map(Json)
         .ok_or_else(|| ChatError::NotFound("room not found".into()))
@@ -232,17 +294,7 @@ enum Anchor {
 }
 
 fn page(query: &HashMap<String, String>) -> Result<(u32, Anchor), ChatError> {
-    let limit = match query.get("limit") {
-        None => DEFAULT_PAGE,
-        Some(raw) => match raw.parse::<u32>() {
-            Ok(n) if n >= 1 => n.min(MAX_PAGE),
-            _ => {
-                return Err(ChatError::BadRequest(
-                    "limit must be a positive integer".into(),
-                ));
-            }
-        },
-    };
+    let limit = page_limit(query)?;
     let anchor = match (query.get("before"), query.get("afterSeq")) {
         (Some(_), Some(_)) => {
             return Err(ChatError::BadRequest(
@@ -265,16 +317,7 @@ pub async fn messages(
     QueryParams(pairs): QueryParams<Vec<(String, String)>>,
 ) -> Result<Json<Vec<ChatMessage>>, ChatError> {
     let room = parse_object_id("id", &id)?;
-    let mut query = HashMap::new();
-    for (key, value) in pairs {
-        if query.contains_key(&key) {
-            return Err(ChatError::BadRequest(format!(
-                "{key} is given more than once"
-            )));
-        }
-        query.insert(key, value);
-    }
-    let (limit, anchor) = page(&query)?;
+    let (limit, anchor) = page(&single_values(pairs)?)?;
     state.chat.room_for(&user.id, room).await?;
     let store = &state.chat.store;
     let page = match anchor {

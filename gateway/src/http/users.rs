@@ -6,7 +6,8 @@ use crate::http::extract::Authenticated;
 use crate::http::extract::QueryParams;
 use axum::Json;
 use axum::extract::{Path, State};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use shared::ObjectId;
 use shared::domain::{Email, parse_object_id};
 use shared::store::User;
 
@@ -36,18 +37,40 @@ pub async fn find(
         .ok_or_else(|| ChatError::NotFound(format!("no user with email {}", email.as_str())))
 }
 
-/// `GET /users/:id`: a user's public profile, or 404.
+/// What `GET /users/:id` shows: the e-mail only to the user and to people who share a room
+/// with them.
+#[derive(Serialize)]
+pub struct Profile {
+    #[serde(rename = "_id", with = "shared::wire::oid_hex")]
+    id: ObjectId,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<String>,
+    #[serde(rename = "displayName")]
+    display_name: String,
+}
+
+/// `GET /users/:id`: a user's profile, or 404. Ids are easy to guess (they grow with time),
+/// so every answer counts against `USER_LOOKUPS_PER_USER`, and the e-mail is shown only to
+/// people who share a room with the user.
 pub async fn get(
     State(state): State<HttpState>,
-    Authenticated(_): Authenticated,
+    Authenticated(user): Authenticated,
     Path(id): Path<String>,
-) -> Result<Json<User>, ChatError> {
+) -> Result<Json<Profile>, ChatError> {
     let id = parse_object_id("id", &id)?;
-    state
+    if id != user.id {
+        super::auth::count_lookup(&state, &user.id).await?;
+    }
+    let found = state
         .chat
         .store
         .user(id)
         .await?
-        .map(Json)
-        .ok_or_else(|| ChatError::NotFound("user not found".into()))
+        .ok_or_else(|| ChatError::NotFound("user not found".into()))?;
+    let known = id == user.id || state.chat.store.share_a_room(user.id, id).await?;
+    Ok(Json(Profile {
+        id: found.id,
+        email: known.then_some(found.email),
+        display_name: found.display_name,
+    }))
 }

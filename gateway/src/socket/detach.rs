@@ -11,13 +11,11 @@
 use axum::extract::{OriginalUri, Request};
 use axum::http::{HeaderMap, HeaderValue, Uri};
 
-/// The path prefix of Engine.IO requests; other requests are left as they are (they end
-/// with their response, and their buffer with them).
-const ENGINE_IO_PATH: &str = "/socket.io/";
-
 /// `axum::middleware::map_request` function, in front of the Socket.IO layer.
 pub async fn detach_request(request: Request) -> Request {
-    if !request.uri().path().starts_with(ENGINE_IO_PATH) {
+    // Other requests are left as they are: they end with their response, and their buffer
+    // with them.
+    if !crate::address::is_engine_io(request.uri().path()) {
         return request;
     }
     let (mut parts, body) = request.into_parts();

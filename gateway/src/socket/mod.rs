@@ -7,6 +7,7 @@
 mod detach;
 mod expiry;
 pub(crate) mod payload;
+mod per_address;
 pub(crate) mod session;
 
 use crate::chat::Chat;
@@ -32,6 +33,7 @@ use std::time::Duration;
 
 pub use detach::detach_request;
 pub use expiry::Expiries;
+pub use per_address::{AddressSlots, admit as admit_session};
 
 /// Shared by every socket handler (socketioxide state, held in an `Arc`: the `State`
 /// extractor clones it for every event).
@@ -42,7 +44,6 @@ pub struct SocketState {
     pub membership_ttl: Duration,
     pub limits: Arc<Limits>,
     pub connections: Arc<Connections>,
-    pub users: Arc<crate::user_lookup::UserLookup>,
     /// Token expiries of this gateway's sockets.
     pub expiries: Arc<Expiries>,
 }
@@ -196,7 +197,7 @@ async fn current_user(
     state: &SocketState,
     mut user: shared::jwt::AuthUser,
 ) -> Result<shared::jwt::AuthUser, Refusal> {
-    match tokio::time::timeout(USER_LOOKUP_TIMEOUT, state.users.get(user.id)).await {
+    match tokio::time::timeout(USER_LOOKUP_TIMEOUT, state.chat.users.get(user.id)).await {
         Ok(Ok(Some(record))) => {
             user.email = Some(record.email);
             user.display_name = Some(record.display_name);
@@ -267,6 +268,22 @@ fn respond<T: Serialize>(
     }
 }
 
+/// Refuses the events of a socket whose user was deleted since it connected (its token is
+/// still valid), and marks it to be disconnected. Asked whenever the socket's checks are
+/// renewed: on joins, and on sends and typing once `MEMBERSHIP_CACHE_SECS` have passed; at
+/// most once a second per socket (a reconnecting client's burst of joins asks once).
+async fn still_a_user(state: &SocketState, session: &Session) -> Result<(), ChatError> {
+    if !session.user_check_due() {
+        return Ok(());
+    }
+    if state.chat.users.deleted(session.user.id).await {
+        session.kick();
+        return Err(ChatError::Unauthorized("user no longer exists".into()));
+    }
+    session.user_checked();
+    Ok(())
+}
+
 /// Checks that the socket's user is a participant of `room`, trusting a recent check.
 async fn authorize(
     state: &SocketState,
@@ -277,6 +294,7 @@ async fn authorize(
         return Ok(());
     }
     let verification = session.verification();
+    still_a_user(state, session).await?;
     state.chat.check_member(&session.user.id, room).await?;
     session.mark_verified(room, verification);
     Ok(())
@@ -311,6 +329,7 @@ async fn on_join_room(
         // Always checked (not trusting the socket's earlier checks): joining is where
         // access is decided. The cache is never older than the room's last removal.
         let verification = session.verification();
+        still_a_user(&state, &session).await?;
         let checked_version = state.chat.check_member(&session.user.id, room).await?;
         session.mark_verified(room, verification);
         if session.is_joined(&room)
@@ -328,7 +347,13 @@ async fn on_join_room(
     .await;
     let (input, feed, checked_version, newly) = match prepared {
         Ok(prepared) => prepared,
-        Err(error) => return respond::<Value>(&s, turn.wants_ack, ack, "join_room", Err(error)),
+        Err(error) => {
+            respond::<Value>(&s, turn.wants_ack, ack, "join_room", Err(error));
+            if session.take_kick() {
+                let _ = s.disconnect();
+            }
+            return;
+        }
     };
     let (room, after_seq) = (input.room_id, input.after_seq);
     // The room's feed joins the socket (after replaying what follows `afterSeq`) and
@@ -418,11 +443,20 @@ async fn on_typing(
     }
 }
 
-/// Any other event: refused with `BAD_REQUEST` (and rate-limited like a message), so that a
-/// client emitting a misspelt event hears about it.
-async fn on_unknown_event(s: SocketRef, mut turn: Turn, ack: AckSender) {
+/// Any other event, and an event whose name cannot be read: refused with `BAD_REQUEST` (and
+/// rate-limited like a message), so that a client emitting a misspelt event or broken JSON
+/// hears about it.
+async fn on_unknown_event(
+    s: SocketRef,
+    mut turn: Turn,
+    ack: AckSender,
+    TryData(data): TryData<Value>,
+) {
     let result: Result<Value, ChatError> = match turn.wait().await {
         Err(error) => Err(error),
+        Ok(()) if data.is_err() => Err(ChatError::BadRequest(
+            "the event is not valid JSON: [\"name\", payload]".into(),
+        )),
         Ok(()) => Err(ChatError::BadRequest("unknown event".into())),
     };
     respond(&s, turn.wants_ack, ack, "unknown", result);

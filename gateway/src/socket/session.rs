@@ -47,7 +47,14 @@ pub struct Session {
     /// Set once the socket is being cut off for flooding, so that the events still queued
     /// behind that decision are refused without logging and counting it again.
     cut_off: AtomicBool,
+    /// Set once the socket is being cut off as a slow consumer (its buffer was full).
+    slow: AtomicBool,
+    /// When the user was last found to exist.
+    user_checked: Mutex<Option<Instant>>,
 }
+
+/// How long a finding that the socket's user exists is trusted.
+const USER_RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Rooms {
@@ -74,7 +81,25 @@ impl Session {
             refused_in_a_row: AtomicU32::new(0),
             kick: Default::default(),
             cut_off: Default::default(),
+            slow: Default::default(),
+            user_checked: Mutex::new(None),
         }
+    }
+
+    /// Whether the socket is being cut off as a slow consumer.
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+
+    /// Whether the user's existence is to be checked again ([`USER_RECHECK`]).
+    pub fn user_check_due(&self) -> bool {
+        let checked = *self.user_checked.lock().unwrap_or_else(|e| e.into_inner());
+        checked.is_none_or(|at| at.elapsed() >= USER_RECHECK)
+    }
+
+    /// Records that the user was found to exist.
+    pub fn user_checked(&self) {
+        *self.user_checked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
 
     /// Marks the socket to be disconnected after the current event's answer.
@@ -85,6 +110,17 @@ impl Session {
     /// `true` the first time only: the socket is now being cut off for flooding.
     pub fn cut_off_once(&self) -> bool {
         !self.cut_off.swap(true, Ordering::Relaxed)
+    }
+
+    /// Marks the socket as a slow consumer and runs `leave_all` (it leaving every local
+    /// room), under the lock that joins take, so that no join waiting at that moment puts it
+    /// back in a room ([`Self::join_recorded`] refuses from then on). Every call leaves;
+    /// `true` the first time only.
+    pub fn cut_off_slow(&self, leave_all: impl FnOnce()) -> bool {
+        let _rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !self.slow.swap(true, Ordering::Relaxed);
+        leave_all();
+        first
     }
 
     pub fn take_kick(&self) -> bool {
@@ -172,10 +208,11 @@ impl Session {
     }
 
     /// Runs `join` (the socket joining the local room) if the socket is still recorded in
-    /// `room`, under the lock its leaves take; `false` when it is not.
+    /// `room` and not cut off as a slow consumer, under the lock its leaves take; `false`
+    /// when not.
     pub fn join_recorded(&self, room: &ObjectId, join: impl FnOnce()) -> bool {
         let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let recorded = rooms.joined.contains(room);
+        let recorded = rooms.joined.contains(room) && !self.slow.load(Ordering::Relaxed);
         if recorded {
             join();
         }

@@ -148,6 +148,26 @@ impl TestApp {
         }
     }
 
+    /// The keys matching `pattern`, from every running node on a cluster (`KEYS` answers for
+    /// the node asked).
+    pub async fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        let ports: Vec<u16> = match &self.cluster {
+            Some(cluster) => cluster
+                .nodes
+                .iter()
+                .filter(|n| n.is_running())
+                .map(|n| n.port)
+                .collect(),
+            None => vec![self.redis.port],
+        };
+        let mut keys = Vec::new();
+        for port in ports {
+            let found = servers::redis_cli(port, &["KEYS", pattern]).await;
+            keys.extend(found.lines().filter(|l| !l.is_empty()).map(str::to_owned));
+        }
+        keys
+    }
+
     /// Waits until Redis itself counts `expected` subscribers of a shard channel (on a
     /// cluster, summed over the nodes: `PUBSUB SHARDNUMSUB` answers for the node asked).
     pub async fn wait_shard_numsub(&self, channel: &str, expected: i64) {

@@ -14,6 +14,12 @@
 //! * (e) no message sent after a removal was acknowledged reaches the removed user before
 //!   the acknowledged adding that brought them back;
 //! * (f) nothing is received that is not stored, under the number it is stored with.
+//!
+//! Not checked: `typing` (best effort by design); whether a `join_room` answered `ok` after
+//! its user's removal (nothing reaches the socket after the removal, which (e) checks); and
+//! what the run does not inject: Redis Cluster slot migrations (a known limit of live
+//! delivery), failovers with `INGEST_MIN_REPLICAS=0` (they may lose acknowledged messages
+//! by design).
 
 use super::history::{Event, JoinOutcome, Outcome};
 use serde::Serialize;

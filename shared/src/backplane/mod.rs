@@ -146,9 +146,7 @@ pub enum Appended {
 /// A short fingerprint of a message's content, kept with its idempotency key so that a retry
 /// carrying other content under the same `clientMsgId` is told apart from a true retry.
 pub fn content_hash(content: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(content.as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    crate::domain::fingerprint(content)
 }
 
 /// How long a message's own id is remembered after its append, so that a second run of the

@@ -86,8 +86,9 @@ fn read_nsp(reader: &mut Cursor<&str>, data: &Str) -> Str {
     }
 }
 
-// Patched (PATCH.md): an ack id too large for an i64 is refused as `InvalidAckId`. It was
-// read as no ack id at all, so the event ran and its sender never got an answer.
+// Patched (PATCH.md): an ack id too large for an i64, or digits not followed at once by the
+// data (`[` or `{`), are refused as `InvalidAckId`. Both were read as no ack id at all, so the
+// event ran and its sender never got an answer.
 fn read_ack(reader: &mut Cursor<&str>) -> Result<Option<i64>, ParseError> {
     let start_index = reader.position() as usize;
     let data = *reader.get_ref();
@@ -100,6 +101,7 @@ fn read_ack(reader: &mut Cursor<&str>) -> Result<Option<i64>, ParseError> {
                     .map(Some)
                     .map_err(|_| ParseError::InvalidAckId);
             }
+            _ if reader.position() as usize > start_index => break Err(ParseError::InvalidAckId),
             _ => break Ok(None),
         }
     }
@@ -129,6 +131,25 @@ mod tests {
         ] {
             let _ = deserialize_packet(packet.into());
         }
+    }
+
+    /// Digits that are not followed at once by the data are no ack id, and not nothing either.
+    #[test]
+    fn an_ack_id_must_run_into_the_data() {
+        for packet in [
+            "2/chat,99999999999999999999999[\"e\"]",
+            "2/chat,12 [\"e\"]",
+            "2/chat,12\t{}",
+            "2/chat,12",
+        ] {
+            let err = deserialize_packet(packet.into());
+            assert!(matches!(err, Err(ParseError::InvalidAckId)), "{packet}");
+        }
+        let (packet, _) = deserialize_packet("2/chat,12[\"e\"]".into()).unwrap();
+        assert!(matches!(
+            packet.inner,
+            socketioxide_core::packet::PacketData::Event(_, Some(12))
+        ));
     }
 
     #[test]

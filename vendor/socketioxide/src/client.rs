@@ -100,16 +100,22 @@ impl<A: Adapter> Client<A> {
             let packet = self
                 .parser()
                 .encode(Packet::connect_error(path, "Invalid namespace"));
-            let _ = match packet {
-                Value::Str(p, _) => esocket.emit(p).map_err(|_e| {
-                    #[cfg(feature = "tracing")]
-                    tracing::error!("error while sending invalid namespace packet: {}", _e);
-                }),
-                Value::Bytes(p) => esocket.emit_binary(p).map_err(|_e| {
-                    #[cfg(feature = "tracing")]
-                    tracing::error!("error while sending invalid namespace packet: {}", _e);
-                }),
+            let sent = match packet {
+                Value::Str(p, _) => esocket.emit(p).map_err(|e| e.to_string()),
+                Value::Bytes(p) => esocket.emit_binary(p).map_err(|e| e.to_string()),
             };
+            // Patched (PATCH.md): a session whose buffer cannot take the answer (a client that
+            // asks for unknown namespaces and never reads) is closed, and said so once. It was
+            // logged as an error on every such request and kept open.
+            if let Err(_e) = sent {
+                #[cfg(feature = "tracing")]
+                tracing::warn!(
+                    sid = ?esocket.id,
+                    "closing a session whose buffer is full of unread invalid-namespace answers: {}",
+                    _e
+                );
+                esocket.close(EIoDisconnectReason::TransportClose);
+            }
         }
     }
 

@@ -862,15 +862,30 @@ impl<A: Adapter> Socket<A> {
         }
     }
 
+    // Patched (PATCH.md): an event name written with escapes (`"send\u005fmessage"`) is read as
+    // an owned string, and an event whose name cannot be read at all (not an array, invalid
+    // JSON) goes to the fallback handler, which can answer it, instead of closing the
+    // connection.
     fn recv_event(self: Arc<Self>, data: Value, ack: Option<i64>) -> Result<(), Error> {
-        let event = self.parser.read_event(&data).map_err(|_e| {
-            #[cfg(feature = "tracing")]
-            tracing::debug!(?_e, "failed to read event");
-            Error::InvalidEventName
-        })?;
+        let owned: String;
+        let event = match self.parser.read_event(&data) {
+            Ok(event) => Some(event),
+            Err(_e) => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(?_e, "failed to read event");
+                match self.parser.decode_default::<EventName>(Some(&data)) {
+                    Ok(EventName(name)) => {
+                        owned = name;
+                        Some(owned.as_str())
+                    }
+                    Err(_) => None,
+                }
+            }
+        };
         #[cfg(feature = "tracing")]
         tracing::debug!(?event, "reading");
-        if let Some(handler) = self.message_handlers.read().unwrap().get(event) {
+        let handlers = self.message_handlers.read().unwrap();
+        if let Some(handler) = event.and_then(|e| handlers.get(e)) {
             handler.call(self.clone(), data, ack);
         } else if let Some(fallback) = self.fallback_message_handler.read().unwrap().as_ref() {
             fallback.call(self.clone(), data, ack);
@@ -886,6 +901,35 @@ impl<A: Adapter> Socket<A> {
             tracing::debug!(sid = ?self.id, "ack not found: {ack}");
         }
         Ok(())
+    }
+}
+
+/// An event's name (the first element of its array) as an owned string: for names written
+/// with escapes, which cannot be borrowed from the packet.
+struct EventName(String);
+
+impl<'de> serde::Deserialize<'de> for EventName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct First;
+        impl<'de> serde::de::Visitor<'de> for First {
+            type Value = EventName;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array starting with the event name")
+            }
+
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: S,
+            ) -> Result<EventName, S::Error> {
+                let name: String = seq
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::invalid_length(0, &self))?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(EventName(name))
+            }
+        }
+        deserializer.deserialize_seq(First)
     }
 }
 
