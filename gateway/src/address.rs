@@ -23,9 +23,19 @@ pub fn client_address(hops: usize, peer: SocketAddr, headers: &HeaderMap) -> IpA
     let address = forwarded
         .len()
         .checked_sub(hops)
-        .and_then(|i| forwarded[i].parse().ok())
+        .and_then(|i| forwarded_address(forwarded[i]))
+        // No entry there, or one that is no address (`unknown`): the proxy's own.
         .unwrap_or_else(|| peer.ip());
     counted(address)
+}
+
+/// An `X-Forwarded-For` entry's address; some proxies write the port too
+/// (`203.0.113.7:4711`, `[2001:db8::1]:4711`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// The address as limits count it: IPv4 as it is (and IPv4-mapped IPv6 as IPv4), IPv6 by
@@ -52,6 +62,20 @@ pub fn is_engine_io(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_entries_with_ports_name_their_address() {
+        let peer: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let from = |entry: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-forwarded-for", entry.parse().unwrap());
+            client_address(1, peer, &headers).to_string()
+        };
+        assert_eq!(from("203.0.113.7"), "203.0.113.7");
+        assert_eq!(from("203.0.113.7:4711"), "203.0.113.7");
+        assert_eq!(from("[2001:db8:1:2::1]:4711"), "2001:db8:1:2::");
+        assert_eq!(from("unknown"), "10.0.0.1");
+    }
 
     #[test]
     fn addresses_are_counted_as_one_client_is() {

@@ -7,12 +7,15 @@
 //!   connection closes after that long too: keep it above the load balancer's idle timeout),
 //!   and its whole body within `HTTP_BODY_TIMEOUT_SECS` of the handler asking for it. A
 //!   client trickling bytes ("slowloris") holds a connection that long at most.
+//! * A write that waits `HTTP_BODY_TIMEOUT_SECS` for the client to read (a large page asked
+//!   for and never read) closes the connection: its answer is not held in memory longer.
 //! * Without trusted proxies, one peer address holds at most `MAX_CONNECTIONS_PER_ADDRESS`
-//!   TCP connections; a connection over it is closed at once. (Behind proxies every peer is
-//!   a proxy: the client's own address is counted per Socket.IO session instead,
-//!   `socket::per_address`.)
+//!   TCP connections, upgraded ones included; a connection over it is closed at once.
+//!   (Behind proxies every peer is a proxy: the client's own address is counted per
+//!   Socket.IO session instead, `socket::per_address`.)
 //! * WebSocket upgrades (Socket.IO) are served on the same connections; the upgraded
-//!   connection is Engine.IO's, with its own heartbeat.
+//!   connection is Engine.IO's, with its own heartbeat, and keeps the stream below (with
+//!   its peer's slot and its write deadline).
 //! * On shutdown the listener stops accepting and every connection is asked to close once
 //!   its request in flight is answered.
 
@@ -33,7 +36,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
@@ -42,7 +46,7 @@ use tower::ServiceExt;
 pub struct Limits {
     /// From waiting for a request to the end of its headers.
     pub header: Duration,
-    /// To receive a request's whole body.
+    /// To receive a request's whole body, and the longest a write waits for the client.
     pub body: Duration,
     /// TCP connections per peer address (0: any number). Only when no proxy is trusted.
     pub per_peer: usize,
@@ -84,8 +88,13 @@ pub async fn serve(
         });
         let shutdown = shutdown.clone();
         let header_timeout = limits.header;
+        let stream = Held {
+            stream,
+            _slot: held,
+            stall: limits.body,
+            stalled: None,
+        };
         connections.spawn(async move {
-            let _held = held;
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
@@ -108,6 +117,95 @@ pub async fn serve(
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// A connection's stream. It holds its peer's slot for as long as it is open (hyper hands
+/// the stream on through a WebSocket upgrade, so an upgraded connection keeps it too), and
+/// fails a write that has waited `stall` without the client reading anything.
+struct Held<S = TcpStream> {
+    stream: S,
+    _slot: Option<PeerSlot>,
+    stall: Duration,
+    /// Armed while writes wait; disarmed by any write that goes through.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> Held<S> {
+    /// After the stream answered `Pending` to a write: `Pending` until the deadline, then
+    /// the error that ends the connection.
+    fn stalled<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+        let stall = self.stall;
+        let deadline = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        match deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing for HTTP_BODY_TIMEOUT_SECS",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn written<T>(
+        &mut self,
+        result: Poll<std::io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<T>> {
+        match result {
+            Poll::Ready(result) => {
+                self.stalled = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => self.stalled(cx),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Held<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Held<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.written(result, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.written(result, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_flush(cx);
+        this.written(result, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 /// A peer's place among its open TCP connections, given back when the connection ends.
@@ -201,5 +299,47 @@ impl http_body::Body for Deadline {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A client that reads nothing: the write fails after `stall`; one that reads keeps it.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_the_client_does_not_read_fails_after_the_stall_time() {
+        let (server, mut client) = tokio::io::duplex(64);
+        let mut held = Held {
+            stream: server,
+            _slot: None,
+            stall: Duration::from_secs(30),
+            stalled: None,
+        };
+        let started = tokio::time::Instant::now();
+        let error = held.write_all(&[0; 1024]).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed().as_secs(), 30);
+
+        let (server, mut client2) = tokio::io::duplex(64);
+        let mut held = Held {
+            stream: server,
+            _slot: None,
+            stall: Duration::from_secs(30),
+            stalled: None,
+        };
+        // A reader taking 64 bytes every 10 s: slow, never stalled for 30 s.
+        let reader = tokio::spawn(async move {
+            let mut total = 0;
+            let mut buf = [0; 64];
+            while total < 1024 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                total += client2.read(&mut buf).await.unwrap();
+            }
+        });
+        held.write_all(&[0; 1024]).await.unwrap();
+        reader.await.unwrap();
+        let _ = client.read(&mut [0; 1]).await;
     }
 }

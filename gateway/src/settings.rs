@@ -78,7 +78,8 @@ pub struct Settings {
     /// send a request on a connection the gateway is closing.
     #[arg(long, env = "HTTP_HEADER_TIMEOUT_SECS", default_value_t = 65)]
     pub http_header_timeout_secs: u64,
-    /// Longest time to receive an HTTP request's body, in seconds; past it, 408.
+    /// Longest time to receive an HTTP request's whole body, in seconds (past it, 408), and
+    /// the longest a write waits for the client to read (past it the connection is closed).
     #[arg(long, env = "HTTP_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub http_body_timeout_secs: u64,
     /// Largest Socket.IO / Engine.IO payload accepted from a client, in bytes.

@@ -18,6 +18,11 @@ pub fn describe() {
         "Refused connections, by reason (missing, invalid, expired token; too many connections)."
     );
     describe_counter!(
+        "chat_gateway_user_lookup_queue_full_total",
+        "User lookups (connects, deletion checks) not made because the lookup queue was full: \
+         the token's claims were trusted."
+    );
+    describe_counter!(
         "chat_gateway_address_limited_total",
         "Connections refused because their client address held MAX_CONNECTIONS_PER_ADDRESS."
     );

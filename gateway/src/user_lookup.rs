@@ -61,13 +61,18 @@ impl UserLookup {
     /// The user's record, `None` when there is no such user.
     pub async fn get(&self, id: ObjectId) -> Answer {
         let (answer, wait) = oneshot::channel();
-        self.tx.try_send((id, answer)).map_err(|_| LookupFailed)?;
+        if self.tx.try_send((id, answer)).is_err() {
+            // Counted, not logged: a flood of requests would log a line each.
+            metrics::counter!("chat_gateway_user_lookup_queue_full_total").increment(1);
+            return Err(LookupFailed);
+        }
         wait.await.map_err(|_| LookupFailed)?
     }
 
     /// Whether the store says, within [`DELETION_CHECK_TIMEOUT`], that the user no longer
-    /// exists. A store that does not answer says nothing: the token was valid, and a request
-    /// that holds one must not wait on the store for a check of deletions.
+    /// exists. A store that does not answer, or a queue of lookups that is full, says
+    /// nothing: the token was valid, and a request that holds one must not wait on the store
+    /// for a check of deletions.
     pub async fn deleted(&self, id: ObjectId) -> bool {
         match tokio::time::timeout(DELETION_CHECK_TIMEOUT, self.get(id)).await {
             Ok(Ok(found)) => found.is_none(),

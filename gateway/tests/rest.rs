@@ -955,12 +955,14 @@ async fn a_flood_of_sign_ups_is_refused_with_retry_after_not_queued() {
     assert!(busy > 0, "nothing was refused");
 }
 
-/// A login reads nothing of its body before the address is counted, names no counter after
-/// what the client sent, and has a body bounded to what a login needs.
+/// A login names no counter after what the client sent, and has a body bounded to what a
+/// login needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_names_no_counter_after_what_the_client_sent_and_its_body_is_bounded() {
     let app = TestApp::spawn(1).await;
-    let huge = format!("{}@example.com", "a".repeat(1 << 20));
+    // Past the route's limit: 413 once that much is read. (A client still sending a larger
+    // body when the answer comes may see the connection closed instead of the answer.)
+    let huge = format!("{}@example.com", "a".repeat(20_000));
     let (status, body) = app
         .call(
             "POST",
@@ -995,8 +997,8 @@ async fn a_login_names_no_counter_after_what_the_client_sent_and_its_body_is_bou
 }
 
 /// Twelve wrong passwords from another address lock that address out of the account, and
-/// slow the account down everywhere; parallel guesses from an address that has failed
-/// before share one wait; the owner still logs in.
+/// slow the account down everywhere, but the owner, even after a typo of their own, still
+/// logs in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guesser_at_another_address_slows_the_owner_down_but_cannot_lock_them_out() {
     let app = TestApp::spawn(1).await;
@@ -1024,26 +1026,16 @@ async fn a_guesser_at_another_address_slows_the_owner_down_but_cannot_lock_them_
         statuses.push(resp.status().as_u16());
     }
     assert_eq!(statuses, [[401; 10].as_slice(), &[429, 429]].concat());
-    // A second guesser that has failed once already sends four at once: they share one
-    // wait, so one is checked and the others are refused.
-    let second = reqwest::Client::builder()
-        .local_address("127.0.0.3".parse::<std::net::IpAddr>().unwrap())
-        .build()
-        .unwrap();
-    let guess = || {
-        second
-            .post(app.url("/auth/login"))
-            .json(&json!({ "email": "owner@example.com", "password": "guess" }))
-            .send()
-    };
-    assert_eq!(guess().await.unwrap().status(), StatusCode::UNAUTHORIZED);
-    let parallel = futures::future::join_all((0..4).map(|_| guess())).await;
-    let mut statuses: Vec<u16> = parallel
-        .into_iter()
-        .map(|r| r.unwrap().status().as_u16())
-        .collect();
-    statuses.sort_unstable();
-    assert_eq!(statuses, [401, 429, 429, 429]);
+    // The owner mistypes once, then logs in: slowed, not refused.
+    let (status, _) = app
+        .call(
+            "POST",
+            "/auth/login",
+            None,
+            Some(json!({ "email": "owner@example.com", "password": "password124" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let started = std::time::Instant::now();
     let (status, body) = app
         .call(
@@ -1054,8 +1046,8 @@ async fn a_guesser_at_another_address_slows_the_owner_down_but_cannot_lock_them_
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    // Ten failures, five past LOGIN_SLOWDOWN_AFTER: 5 × 250 ms.
-    assert!(started.elapsed() >= std::time::Duration::from_millis(1200));
+    // Eleven failures, six past LOGIN_SLOWDOWN_AFTER: 6 × 250 ms.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(1450));
 }
 
 /// Room creation is limited per user, a room's participants are capped (at creation and
@@ -1164,6 +1156,11 @@ async fn a_profile_shows_the_email_only_to_roommates_and_lookups_are_limited() {
     let (_, seen_by_cat) = app.call("GET", &path, Some(&cat), None).await;
     assert_eq!(seen_by_cat["email"], Value::Null, "{seen_by_cat}");
     assert!(seen_by_cat["displayName"].as_str().is_some());
+    // Roommates are looked up freely (the chat page names who is typing).
+    for _ in 0..5 {
+        let (status, _) = app.call("GET", &path, Some(&ann), None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
     // Guessing ids: limited.
     let mut statuses = Vec::new();
     for _ in 0..3 {

@@ -1298,20 +1298,34 @@ async fn a_removal_that_never_reached_redis_is_seen_within_the_cache_time_and_it
     assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
 }
 
-/// One address holds at most `MAX_CONNECTIONS_PER_ADDRESS` connections on a gateway,
-/// authenticated or not; a closed one makes room.
+/// One address holds at most `MAX_CONNECTIONS_PER_ADDRESS` TCP connections on a gateway,
+/// authenticated or not, upgraded ones included; a closed one makes room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_address_are_bounded() {
     let mut app = TestApp::spawn(0).await;
     app.add_gateway_with(|s| s.max_connections_per_address = 2)
         .await;
-    let (ann, _) = app.user("ann").await;
+    // Signed up from another address: the test's pooled REST connection would hold a place.
+    let other = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let signed_up: Value = other
+        .post(app.url("/auth/register"))
+        .json(&json!({ "email": "ann@example.com", "password": "password123" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ann = signed_up["accessToken"].as_str().unwrap().to_owned();
     let a = app.member(0, &ann, &[]).await;
     let _b = app.member(0, &ann, &[]).await;
+    // Two WebSockets hold the address's two TCP connections: a third is closed at once.
     let refused = SioClient::connect(app.port(0), Some(json!({ "token": ann })), &[]).await;
-    let error = refused.err().expect("a third connection from the address");
-    assert!(error.contains("429"), "{error}");
-    // An Engine.IO close: the session ends.
+    assert!(refused.is_err(), "a third connection from the address");
+    // An Engine.IO close: the session ends, and its connection with it.
     a.send_raw("1".into());
     a.wait_disconnected().await;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1325,4 +1339,27 @@ async fn connections_per_address_are_bounded() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Behind a trusted proxy every connection comes from the proxy: the client's forwarded
+/// address is counted per Socket.IO session instead (429 at the Engine.IO handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_forwarded_address_are_bounded_behind_a_proxy() {
+    let mut app = TestApp::spawn(0).await;
+    app.add_gateway_with(|s| {
+        s.max_connections_per_address = 2;
+        s.trusted_proxy_hops = 1;
+    })
+    .await;
+    let (ann, _) = app.user("ann").await;
+    let port = app.port(0);
+    let from = |address: &'static str| {
+        let auth = json!({ "token": ann });
+        async move { SioClient::connect(port, Some(auth), &[("x-forwarded-for", address)]).await }
+    };
+    let _c = from("10.0.0.1").await.unwrap();
+    let _d = from("10.0.0.1").await.unwrap();
+    let error = from("10.0.0.1").await.err().expect("a third session");
+    assert!(error.contains("429"), "{error}");
+    let _e = from("10.0.0.2").await.unwrap();
 }

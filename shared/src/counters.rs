@@ -73,7 +73,16 @@ impl Counters for RedisCounters {
 /// Counters in this process's memory (the embedded mode).
 #[derive(Default)]
 pub struct MemoryCounters {
-    counters: Mutex<HashMap<String, (u64, Instant)>>,
+    counters: Mutex<Windows>,
+}
+
+/// The counters, and how many there were after expired ones were last swept out: a sweep
+/// runs when their number has doubled since, so that its cost is spread over the counts
+/// that grew the map (one sweep per count would go over every counter each time).
+#[derive(Default)]
+struct Windows {
+    counts: HashMap<String, (u64, Instant)>,
+    after_sweep: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,7 +94,7 @@ impl Counters for MemoryCounters {
     async fn get(&self, key: &str) -> Result<(u64, Duration), BackplaneError> {
         let counters = lock(&self.counters);
         let now = Instant::now();
-        Ok(match counters.get(key) {
+        Ok(match counters.counts.get(key) {
             Some((n, ends)) if *ends > now => (*n, *ends - now),
             _ => (0, Duration::ZERO),
         })
@@ -94,15 +103,28 @@ impl Counters for MemoryCounters {
     async fn increment(&self, key: &str, window: Duration) -> Result<u64, BackplaneError> {
         let mut counters = lock(&self.counters);
         let now = Instant::now();
-        counters.retain(|_, (_, ends)| *ends > now);
-        let entry = counters.entry(key.to_owned()).or_insert((0, now + window));
+        if counters.counts.len() >= (2 * counters.after_sweep).max(1024) {
+            counters.counts.retain(|_, (_, ends)| *ends > now);
+            counters.after_sweep = counters.counts.len();
+        }
+        let entry = match counters.counts.entry(key.to_owned()) {
+            std::collections::hash_map::Entry::Occupied(entry) => {
+                let entry = entry.into_mut();
+                // An expired window starts again.
+                if entry.1 <= now {
+                    *entry = (0, now + window);
+                }
+                entry
+            }
+            std::collections::hash_map::Entry::Vacant(entry) => entry.insert((0, now + window)),
+        };
         entry.0 += 1;
         Ok(entry.0)
     }
 
     async fn decrement(&self, key: &str) -> Result<(), BackplaneError> {
         let mut counters = lock(&self.counters);
-        if let Some((n, ends)) = counters.get_mut(key)
+        if let Some((n, ends)) = counters.counts.get_mut(key)
             && *ends > Instant::now()
         {
             *n = n.saturating_sub(1);
@@ -111,7 +133,7 @@ impl Counters for MemoryCounters {
     }
 
     async fn reset(&self, key: &str) -> Result<(), BackplaneError> {
-        lock(&self.counters).remove(key);
+        lock(&self.counters).counts.remove(key);
         Ok(())
     }
 }
@@ -136,5 +158,13 @@ mod tests {
         assert_eq!(c.get("c").await.unwrap().0, 1);
         c.reset("c").await.unwrap();
         assert_eq!(c.get("c").await.unwrap().0, 0);
+        // An expired window starts again at one.
+        assert_eq!(c.increment("d", Duration::ZERO).await.unwrap(), 1);
+        assert_eq!(c.increment("d", Duration::from_secs(60)).await.unwrap(), 1);
+        // Expired counters are swept out once the map has doubled.
+        for i in 0..2048 {
+            c.increment(&format!("x{i}"), Duration::ZERO).await.unwrap();
+        }
+        assert!(lock(&c.counters).counts.len() <= 1100);
     }
 }

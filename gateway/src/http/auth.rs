@@ -14,10 +14,11 @@ use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shared::ObjectId;
+use shared::counters::Counters;
 use shared::domain::{Email, check_new_password, parse_name};
 use shared::store::{StoreError, User};
 use std::net::SocketAddr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 #[derive(Deserialize)]
@@ -161,22 +162,11 @@ pub(crate) async fn count_attempt(
     key: &str,
     max: u64,
     refusal: &str,
-) -> Result<u64, ChatError> {
-    count_attempt_in(state, key, max, state.login.window, refusal).await
-}
-
-/// [`count_attempt`] in a window of its own; returns the count with this attempt.
-async fn count_attempt_in(
-    state: &HttpState,
-    key: &str,
-    max: u64,
-    window: Duration,
-    refusal: &str,
-) -> Result<u64, ChatError> {
+) -> Result<(), ChatError> {
     let counters = &state.login.counters;
-    let attempts = counters.increment(key, window).await?;
+    let attempts = counters.increment(key, state.login.window).await?;
     if attempts <= max {
-        return Ok(attempts);
+        return Ok(());
     }
     counters.decrement(key).await?;
     metrics::counter!("chat_gateway_login_rate_limited_total").increment(1);
@@ -197,18 +187,73 @@ pub(crate) async fn count_lookup(state: &HttpState, user: &ObjectId) -> Result<(
         "too many user lookups, try again later",
     )
     .await
-    .map(drop)
+}
+
+/// Attempts counted before their outcome is known, taken back unless kept: on an early
+/// return, on an error of Redis or the store, and when the client goes away mid-way (the
+/// handler is dropped then, and the refund runs on a task of its own).
+pub(crate) struct Counted {
+    counters: Arc<dyn Counters>,
+    keys: Vec<String>,
+}
+
+impl Counted {
+    pub fn new(state: &HttpState) -> Self {
+        Self {
+            counters: state.login.counters.clone(),
+            keys: Vec::new(),
+        }
+    }
+
+    /// [`count_attempt`], to be taken back unless kept.
+    pub async fn count(
+        &mut self,
+        state: &HttpState,
+        key: String,
+        max: u64,
+        refusal: &str,
+    ) -> Result<(), ChatError> {
+        count_attempt(state, &key, max, refusal).await?;
+        self.keys.push(key);
+        Ok(())
+    }
+
+    /// Keeps every attempt counted so far.
+    pub fn keep(mut self) {
+        self.keys.clear();
+    }
+
+    /// Keeps the attempt counted under `key`.
+    fn keep_one(&mut self, key: &str) {
+        self.keys.retain(|k| k != key);
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let (counters, keys) = (self.counters.clone(), std::mem::take(&mut self.keys));
+        tokio::spawn(async move {
+            for key in keys {
+                if let Err(error) = counters.decrement(&key).await {
+                    tracing::debug!(%error, "taking back a counted attempt failed");
+                }
+            }
+        });
+    }
 }
 
 /// Logs in. Refused with 429 past `LOGIN_MAX_FAILURES_PER_IP` failures from the client's
 /// address, and past `LOGIN_MAX_FAILURES_PER_EMAIL` failures for the e-mail from that
 /// address. Past `LOGIN_SLOWDOWN_AFTER` failures for the e-mail from anywhere (counted for
 /// the whole window, successes or not), each attempt waits longer before the password is
-/// checked, and the addresses that have failed on the e-mail before share one attempt per
-/// wait (429 otherwise), so that parallel attempts do not share a wait either. An address
-/// new to the e-mail, the owner's, is only slowed: a guesser elsewhere slows the owner down
-/// but cannot lock them out. The e-mail's counters are named by its fingerprint, never by
-/// what the client sent.
+/// checked. Nothing locks the e-mail itself: a guesser elsewhere slows the owner down but
+/// cannot shut them out. (The wait does not slow guesses sent in parallel; the per-address
+/// limits bound those.) The e-mail's counters are named by its fingerprint, never by what
+/// the client sent. An attempt that ends without the password checked (Redis or the store
+/// failing, the hashing pool full, the client gone) is not counted.
 pub async fn login(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -218,78 +263,65 @@ pub async fn login(
     let refused = || ChatError::Unauthorized("invalid email or password".into());
     const REFUSAL: &str = "too many failed logins, try again later";
     let address = client_address(state.login.trusted_proxy_hops, peer, &headers);
-    let ip_key = format!("login:ip:{address}");
-    count_attempt(&state, &ip_key, state.login.max_failures_per_ip, REFUSAL).await?;
+    let mut counted = Counted::new(&state);
+    counted
+        .count(
+            &state,
+            format!("login:ip:{address}"),
+            state.login.max_failures_per_ip,
+            REFUSAL,
+        )
+        .await?;
     // A malformed e-mail cannot be registered: a failure, with the same answer as an unknown
     // one, and no counter named after it.
     let Ok(email) = Email::parse(&body.email) else {
+        counted.keep();
         return Err(refused());
     };
     let account_key = format!("login:account:{}", email.fingerprint());
     let pair_key = format!("login:ip-account:{address}:{}", email.fingerprint());
-    let from_here = match count_attempt(
-        &state,
-        &pair_key,
-        state.login.max_failures_per_email,
-        REFUSAL,
-    )
-    .await
-    {
-        Ok(attempts) => attempts,
-        Err(limited) => {
-            state.login.counters.decrement(&ip_key).await?;
-            return Err(limited);
-        }
-    };
+    counted
+        .count(
+            &state,
+            pair_key.clone(),
+            state.login.max_failures_per_email,
+            REFUSAL,
+        )
+        .await?;
     let (failures, _) = state.login.counters.get(&account_key).await?;
     if let Some(over) = failures
         .checked_sub(state.login.slowdown_after)
         .filter(|n| *n > 0)
     {
-        let wait =
-            (LOGIN_SLOWDOWN_STEP * u32::try_from(over).unwrap_or(u32::MAX)).min(LOGIN_SLOWDOWN_MAX);
-        if from_here > 1 {
-            let gate = format!("login:gate:{}", email.fingerprint());
-            if let Err(limited) = count_attempt_in(&state, &gate, 1, wait, REFUSAL).await {
-                state.login.counters.decrement(&pair_key).await?;
-                state.login.counters.decrement(&ip_key).await?;
-                return Err(limited);
-            }
-        }
-        tokio::time::sleep(wait).await;
+        let wait = LOGIN_SLOWDOWN_STEP * u32::try_from(over).unwrap_or(u32::MAX);
+        tokio::time::sleep(wait.min(LOGIN_SLOWDOWN_MAX)).await;
     }
 
     let credentials = state.chat.store.user_credentials(email.as_str()).await?;
     let verified = match credentials {
         Some(credentials) => verify_password(&state, body.password, credentials.password_hash)
-            .await
-            .map(|ok| ok.then_some(credentials.user)),
-        None => verify_password(&state, body.password, DUMMY_HASH.clone())
-            .await
-            .map(|_| None),
-    };
-    let ok = match verified {
-        Ok(ok) => ok,
-        // Not checked, so not a failure: uncounted.
-        Err(busy) => {
-            state.login.counters.decrement(&pair_key).await?;
-            state.login.counters.decrement(&ip_key).await?;
-            return Err(busy);
+            .await?
+            .then_some(credentials.user),
+        None => {
+            verify_password(&state, body.password, DUMMY_HASH.clone()).await?;
+            None
         }
     };
-    // A failure stays counted (and slows the account down); a success is not a failure.
-    let Some(user) = ok else {
+    let Some(user) = verified else {
+        // A failure: it stays counted, and slows the e-mail down.
         state
             .login
             .counters
             .increment(&account_key, state.login.window)
             .await?;
+        counted.keep();
         return Err(refused());
     };
-    // The account's failures stay: an owner logging in often must not lift a guesser's
-    // slowdown.
+    // The address's count is taken back (a success is no failure) and its failures on this
+    // e-mail forgotten. The e-mail's own failures stay: an owner logging in often must not
+    // lift a guesser's slowdown.
+    counted.keep_one(&pair_key);
     state.login.counters.reset(&pair_key).await?;
-    state.login.counters.decrement(&ip_key).await?;
     session(&state, user)
 }
 

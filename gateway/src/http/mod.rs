@@ -55,7 +55,7 @@ pub struct LoginLimits {
 }
 
 /// The largest request body of most routes (sign-ups, logins, a participant to add): a
-/// 1 MB e-mail is refused with 413 before anything reads it.
+/// 1 MB e-mail is refused with 413 once 16 KB of it are read, and no more is kept.
 const BODY_LIMIT: usize = 16 * 1024;
 /// A message's body: 10,000 characters, each of which JSON may write as a 12-byte escape pair.
 const MESSAGE_BODY_LIMIT: usize = 128 * 1024;

@@ -105,18 +105,18 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<Room>), ChatError> {
     let (name, participants) = body.validate(user.id, state.max_room_participants)?;
     // Counted before the room exists, so that parallel creations cannot all pass; taken
-    // back when no room is created (it is a lookup then, counted as one).
-    let creations = format!("rooms:user:{}", user.id.to_hex());
-    super::auth::count_attempt(
-        &state,
-        &creations,
-        state.login.max_room_creations,
-        "too many rooms created, try again later",
-    )
-    .await?;
+    // back when no room is created (a participant not found is a lookup, counted as one).
+    let mut counted = super::auth::Counted::new(&state);
+    counted
+        .count(
+            &state,
+            format!("rooms:user:{}", user.id.to_hex()),
+            state.login.max_room_creations,
+            "too many rooms created, try again later",
+        )
+        .await?;
     let missing = state.chat.store.missing_users(&participants[1..]).await?;
     if let Some(id) = missing.first() {
-        state.login.counters.decrement(&creations).await?;
         super::auth::count_lookup(&state, &user.id).await?;
         return Err(ChatError::NotFound(format!(
             "user {} not found",
@@ -124,6 +124,7 @@ pub async fn create(
         )));
     }
     let room = state.chat.store.create_room(name, participants).await?;
+    counted.keep();
     tracing::info!(room_id = %room.id, user_id = %user.id, "room created");
     Ok((StatusCode::CREATED, Json(room)))
 }

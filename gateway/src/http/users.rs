@@ -50,15 +50,18 @@ pub struct Profile {
 }
 
 /// `GET /users/:id`: a user's profile, or 404. Ids are easy to guess (they grow with time),
-/// so every answer counts against `USER_LOOKUPS_PER_USER`, and the e-mail is shown only to
-/// people who share a room with the user.
+/// so every answer about someone the caller shares no room with counts against
+/// `USER_LOOKUPS_PER_USER`, and the e-mail is shown only to people who share a room with
+/// the user. (The names of roommates, which the chat page looks up for typing notices, are
+/// not counted: the caller knows them already.)
 pub async fn get(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
     Path(id): Path<String>,
 ) -> Result<Json<Profile>, ChatError> {
     let id = parse_object_id("id", &id)?;
-    if id != user.id {
+    let known = id == user.id || state.chat.store.share_a_room(user.id, id).await?;
+    if !known {
         super::auth::count_lookup(&state, &user.id).await?;
     }
     let found = state
@@ -67,7 +70,6 @@ pub async fn get(
         .user(id)
         .await?
         .ok_or_else(|| ChatError::NotFound("user not found".into()))?;
-    let known = id == user.id || state.chat.store.share_a_room(user.id, id).await?;
     Ok(Json(Profile {
         id: found.id,
         email: known.then_some(found.email),

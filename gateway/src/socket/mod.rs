@@ -205,7 +205,8 @@ async fn current_user(
         }
         Ok(Ok(None)) => Err(Refusal::UnknownUser),
         Ok(Err(_)) => {
-            tracing::warn!(user_id = %user.id, "user lookup failed: connecting on the token's claims");
+            // The cause is logged once per batch, or counted (a full queue).
+            tracing::debug!(user_id = %user.id, "user lookup failed: connecting on the token's claims");
             Ok(user)
         }
         Err(_) => {
@@ -324,6 +325,13 @@ async fn on_join_room(
     let session = turn.session.clone();
     let prepared = async {
         turn.wait().await?;
+        // A socket being cut off joins nothing: no store reads, no replay for it.
+        if session.is_slow() {
+            return Err(ChatError::Busy {
+                message: "this connection is cut off as a slow consumer".into(),
+                retry_after_secs: 1,
+            });
+        }
         let input = payload::join_room(payload::read(data))?;
         let room = input.room_id;
         // Always checked (not trusting the socket's earlier checks): joining is where

@@ -884,10 +884,17 @@ impl<A: Adapter> Socket<A> {
         };
         #[cfg(feature = "tracing")]
         tracing::debug!(?event, "reading");
-        let handlers = self.message_handlers.read().unwrap();
-        if let Some(handler) = event.and_then(|e| handlers.get(e)) {
-            handler.call(self.clone(), data, ack);
-        } else if let Some(fallback) = self.fallback_message_handler.read().unwrap().as_ref() {
+        let data = match event {
+            Some(event) => match self.message_handlers.read().unwrap().get(event) {
+                Some(handler) => {
+                    handler.call(self.clone(), data, ack);
+                    return Ok(());
+                }
+                None => data,
+            },
+            None => data,
+        };
+        if let Some(fallback) = self.fallback_message_handler.read().unwrap().as_ref() {
             fallback.call(self.clone(), data, ack);
         }
         Ok(())
