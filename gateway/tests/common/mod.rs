@@ -148,10 +148,9 @@ impl TestApp {
         }
     }
 
-    /// The keys matching `pattern`, from every running node on a cluster (`KEYS` answers for
-    /// the node asked).
-    pub async fn redis_keys(&self, pattern: &str) -> Vec<String> {
-        let ports: Vec<u16> = match &self.cluster {
+    /// The ports of this test's running Redis nodes (one without a cluster).
+    fn redis_ports(&self) -> Vec<u16> {
+        match &self.cluster {
             Some(cluster) => cluster
                 .nodes
                 .iter()
@@ -159,9 +158,14 @@ impl TestApp {
                 .map(|n| n.port)
                 .collect(),
             None => vec![self.redis.port],
-        };
+        }
+    }
+
+    /// The keys matching `pattern`, from every running node on a cluster (`KEYS` answers for
+    /// the node asked).
+    pub async fn redis_keys(&self, pattern: &str) -> Vec<String> {
         let mut keys = Vec::new();
-        for port in ports {
+        for port in self.redis_ports() {
             let found = servers::redis_cli(port, &["KEYS", pattern]).await;
             keys.extend(found.lines().filter(|l| !l.is_empty()).map(str::to_owned));
         }
@@ -171,16 +175,7 @@ impl TestApp {
     /// Waits until Redis itself counts `expected` subscribers of a shard channel (on a
     /// cluster, summed over the nodes: `PUBSUB SHARDNUMSUB` answers for the node asked).
     pub async fn wait_shard_numsub(&self, channel: &str, expected: i64) {
-        let ports: Vec<u16> = match &self.cluster {
-            Some(cluster) => cluster
-                .nodes
-                .iter()
-                .filter(|n| n.is_running())
-                .map(|n| n.port)
-                .collect(),
-            None => vec![self.redis.port],
-        };
-        servers::wait_shard_numsub(&ports, channel, expected).await
+        servers::wait_shard_numsub(&self.redis_ports(), channel, expected).await
     }
 
     /// Tests that kill or restart the single Redis do not apply to a cluster.
