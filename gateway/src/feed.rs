@@ -396,7 +396,16 @@ impl Feed {
         }
         let mut replayed = 0;
         let mut has_more = false;
-        if let Some(after_seq) = after_seq {
+        // A socket already in the room has been sent every message of it up to `self.last`
+        // on this connection, in order (one that missed any was taken out of the room): a
+        // replay would send them twice, and the client may not have read them yet when it
+        // asks again.
+        let in_room = self
+            .sockets
+            .get(&self.context.io)
+            .iter()
+            .any(|s| s.id == socket.id);
+        if let Some(after_seq) = after_seq.filter(|_| !in_room) {
             let until = self
                 .last
                 .min(after_seq.saturating_add(self.context.limits.replay_limit));

@@ -201,8 +201,8 @@ async fn a_master_killed_mid_flow_loses_no_acknowledged_message() {
     let replicas = [("INGEST_MIN_REPLICAS", "1".to_owned())];
     app.gateway_process(&replicas).await;
     app.gateway_process(&replicas).await;
-    let (_p1, _) = app.persister_process("p1", &[]).await;
-    let (_p2, _) = app.persister_process("p2", &[]).await;
+    let (_p1, _) = app.persister_process("p1", &replicas).await;
+    let (_p2, _) = app.persister_process("p2", &replicas).await;
     let (ann, _) = app.user("ann").await;
     let (bob, bob_id) = app.user("bob").await;
     let room = app.room(&ann, &[&bob_id]).await;

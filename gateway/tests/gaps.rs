@@ -355,6 +355,41 @@ async fn a_gap_beyond_the_repair_limit_sends_resync_and_a_rejoin_replays_it() {
     );
 }
 
+/// Joining again a room the socket is in (a client added back to a room whose removal
+/// failed, say) replays nothing: the socket has been sent every message since it joined,
+/// some perhaps not read yet. Found by the chaos run (seed 301), where such a join sent 30
+/// messages a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_again_a_room_the_socket_is_in_replays_nothing() {
+    let app = TestApp::spawn(1).await;
+    let (ann, _) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let mut a = app.member(0, &ann, &[&room]).await;
+    let mut b = app.member(0, &bob, &[&room]).await;
+    send_quickly(&mut a, &room, 5).await;
+    take_in_seq(&b, 1, 5).await;
+    // Five more on their way to b, read or not: b asks again from seq 2.
+    send_quickly(&mut a, &room, 5).await;
+    let ack = b
+        .request("join_room", json!({ "roomId": room, "afterSeq": 2 }))
+        .await;
+    assert_eq!(
+        ack,
+        json!({ "ok": true, "roomId": room, "replayed": 0, "hasMore": false })
+    );
+    take_in_seq(&b, 6, 5).await;
+    let live = a
+        .request("send_message", json!({ "roomId": room, "content": "live" }))
+        .await;
+    let next = b.next("message").await;
+    assert_eq!(
+        (next["id"].clone(), next["seq"].clone()),
+        (live["id"].clone(), json!(11))
+    );
+    assert!(b.pending("message").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_away_for_200_messages_rejoins_with_after_seq_and_gets_exactly_those() {
     let mut app = TestApp::spawn(0).await;

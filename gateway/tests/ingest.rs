@@ -120,6 +120,77 @@ async fn a_full_partition_is_unavailable_to_senders() {
     );
 }
 
+/// With `INGEST_MIN_REPLICAS`, the persister reads only what the replicas hold: an append no
+/// replica confirmed (its sender was told UNAVAILABLE) stays in the stream, unread, until
+/// one does, so that a failover losing it loses it from the store too. Then it is read, and
+/// the sender's retry with the same `clientMsgId` answers with it. Found by the chaos run
+/// (seed 301): a message stored twice, once from an unconfirmed append that a failover then
+/// lost from Redis (with the record of its `clientMsgId`), once from its sender's retry.
+#[tokio::test]
+async fn entries_no_replica_holds_are_not_read() {
+    let redis = Redis::start().await;
+    let settings = redis_settings(&redis, "replicas");
+    let ingest = IngestSettings {
+        min_replicas: 1,
+        replica_timeout_ms: 200,
+        ..IngestSettings::default()
+    };
+    let backplane = RedisBackplane::connect(&settings, &ingest).await.unwrap();
+    let persister = RedisIngest::connect(&settings, &ingest, "p").await.unwrap();
+    let room = ObjectId::new();
+    backplane.seed_seq(room, 0).await.unwrap();
+    let first = message(room, "one");
+    let refused = backplane.append(&first, Some("u:r:k")).await;
+    assert!(
+        matches!(
+            refused,
+            Err(BackplaneError::NotReplicated {
+                confirmed: 0,
+                wanted: 1
+            })
+        ),
+        "{refused:?}"
+    );
+    let partition = backplane.keys().partition_of(&room);
+    let lease = persister
+        .acquire(partition, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut position = ReadPosition::start();
+    let unread = persister
+        .read(&lease, &mut position, 10, Duration::ZERO)
+        .await;
+    assert!(
+        matches!(unread, Err(BackplaneError::NotReplicated { .. })),
+        "{unread:?}"
+    );
+    // A replica comes and copies everything: the same read now returns the entry.
+    let _replica = Redis::replica_of(redis.port).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let read = loop {
+        match persister
+            .read(&lease, &mut position, 10, Duration::ZERO)
+            .await
+        {
+            Ok(read) => break read,
+            Err(BackplaneError::NotReplicated { .. }) => {
+                assert!(std::time::Instant::now() < deadline, "no replica confirmed");
+            }
+            Err(other) => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(ids(&read), ["one"]);
+    let retry = backplane
+        .append(&message(room, "one"), Some("u:r:k"))
+        .await
+        .unwrap();
+    assert!(
+        matches!(retry, Appended::Duplicate { id, seq: 1, same_content: true, .. } if id == first.id),
+        "{retry:?}"
+    );
+}
+
 #[tokio::test]
 async fn leases_are_fenced_and_every_read_position_change_loses_and_repeats_nothing() {
     let redis = Redis::start().await;

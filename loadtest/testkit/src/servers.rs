@@ -60,14 +60,26 @@ pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// The master's port, for a replica.
+    replica_of: Option<u16>,
 }
 
 impl Redis {
     pub async fn start() -> Self {
+        Self::start_as(None).await
+    }
+
+    /// A replica of the Redis on `master`'s port.
+    pub async fn replica_of(master: u16) -> Self {
+        Self::start_as(Some(master)).await
+    }
+
+    async fn start_as(replica_of: Option<u16>) -> Self {
         let mut redis = Self {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            replica_of,
         };
         redis.restart().await;
         redis
@@ -87,6 +99,13 @@ impl Redis {
                 "",
             ])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(
+                self.replica_of
+                    .map(|master| {
+                        vec!["--replicaof".into(), "127.0.0.1".into(), master.to_string()]
+                    })
+                    .unwrap_or_default(),
+            )
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())

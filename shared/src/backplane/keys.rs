@@ -57,6 +57,12 @@ impl Keys {
         format!("{}:stream", self.tag(partition))
     }
 
+    /// How many reads of a partition returned entries (written so that a `WAIT` after a
+    /// read covers what it returned, `read.lua`).
+    pub fn ingest_reads(&self, partition: u16) -> String {
+        format!("{}:reads", self.tag(partition))
+    }
+
     /// Who holds a partition.
     pub fn ingest_lease(&self, partition: u16) -> String {
         format!("{}:lease", self.tag(partition))

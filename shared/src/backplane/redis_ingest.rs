@@ -167,9 +167,12 @@ pub struct RedisIngest {
     keys: Keys,
     instance: String,
     commands: Client,
-    /// One connection per partition held, for its blocking reads (`XREAD BLOCK` holds the
-    /// connection it runs on, so partitions must not share one).
+    /// One connection per partition held, for its reads: `XREAD BLOCK` and `WAIT` hold the
+    /// connection they run on, so partitions must not share one, nor share the heartbeats'.
     readers: Mutex<HashMap<u16, Client>>,
+    /// Replicas that must hold the entries a read returns before they are stored.
+    min_replicas: u32,
+    replica_timeout: Duration,
 }
 
 impl RedisIngest {
@@ -188,6 +191,9 @@ impl RedisIngest {
             instance: format!("{name}/{}", ObjectId::new().to_hex()),
             commands,
             readers: Mutex::default(),
+            min_replicas: ingest.min_replicas,
+            replica_timeout: Duration::from_millis(ingest.replica_timeout_ms)
+                .min(COMMAND_TIMEOUT / 2),
         })
     }
 
@@ -210,9 +216,10 @@ impl RedisIngest {
         Ok(client)
     }
 
-    /// One run of `read.lua`: the entries and the group's last delivered id.
+    /// One run of `read.lua` on `client`: the entries and the group's last delivered id.
     async fn read_script(
         &self,
+        client: &Client,
         lease: &Lease,
         from: &str,
         max: usize,
@@ -220,10 +227,11 @@ impl RedisIngest {
         let reply: Value = SCRIPTS
             .read
             .evalsha_with_reload(
-                &self.commands,
+                client,
                 vec![
                     self.keys.ingest_stream(lease.partition),
                     self.keys.ingest_lease(lease.partition),
+                    self.keys.ingest_reads(lease.partition),
                 ],
                 vec![
                     lease.holder.clone(),
@@ -358,9 +366,24 @@ impl Ingest for RedisIngest {
         max: usize,
         block: Duration,
     ) -> Result<Vec<IngestEntry>, BackplaneError> {
+        let reader = self.reader(lease.partition).await?;
         let mut waited = false;
         loop {
-            let (entries, last_delivered) = self.read_script(lease, position.last(), max).await?;
+            let (entries, last_delivered) = self
+                .read_script(&reader, lease, position.last(), max)
+                .await?;
+            if !entries.is_empty() && self.min_replicas > 0 {
+                // Only what the replicas hold is stored: an append a failover then loses
+                // (its sender was told UNAVAILABLE, and may send it again) is never stored
+                // either. Not received until then: the next read returns the same entries.
+                wait_for_replicas(
+                    &reader,
+                    &self.keys.ingest_stream(lease.partition),
+                    self.min_replicas,
+                    self.replica_timeout,
+                )
+                .await?;
+            }
             if !entries.is_empty() || waited || block.is_zero() {
                 position.received(&entries);
                 return Ok(entries);
@@ -368,7 +391,6 @@ impl Ingest for RedisIngest {
             // Wait (without taking anything) for an entry after the last one the group
             // handed out, then read it with the lease checked.
             waited = true;
-            let reader = self.reader(lease.partition).await?;
             let _: Value = reader
                 .xread(
                     Some(1),
