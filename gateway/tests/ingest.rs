@@ -54,6 +54,25 @@ async fn a_process_with_another_partition_count_refuses_to_start() {
     assert!(matches!(refused, BackplaneError::Config(_)));
 }
 
+/// A process started while Redis is down (restarting, failing over) waits for it rather
+/// than exiting. Seen in the chaos run: gateways restarted while a cluster master was down
+/// exited, and were restarted again and again.
+#[tokio::test]
+async fn a_process_started_while_redis_is_down_waits_for_it() {
+    let mut redis = Redis::start().await;
+    let settings = redis_settings(&redis, "late");
+    redis.kill();
+    let connecting = tokio::spawn(async move {
+        RedisBackplane::connect(&settings, &IngestSettings::default())
+            .await
+            .map(drop)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!connecting.is_finished(), "gave up at once");
+    redis.restart().await;
+    connecting.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_full_partition_refuses_appends_and_the_others_go_on() {
     let redis = Redis::start().await;

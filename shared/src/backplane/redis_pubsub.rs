@@ -68,7 +68,7 @@ impl RedisBackplane {
     ) -> Result<Self, BackplaneError> {
         let mut backplane = Self::connect(settings, ingest).await?;
         let subscriber = subscriber_builder(settings)?.build_subscriber_client()?;
-        let task = subscriber.init().await?;
+        let task = super::redis_util::init(&subscriber).await?;
         super::redis_util::supervise(subscriber.clone(), task);
         backplane.watch_subscriptions(&subscriber, missed.clone());
         subscriber

@@ -42,8 +42,10 @@ fn builder_with_capacity(
             "REDIS_URL asks for TLS ({scheme}://), which this build does not support; use redis:// or redis-cluster://"
         )));
     }
-    let config = Config::from_url(settings.url())
+    let mut config = Config::from_url(settings.url())
         .map_err(|e| BackplaneError::Config(format!("REDIS_URL is invalid: {}", e.details())))?;
+    // The first connection retries as later ones do, for CONNECT_WAIT at most (`init`).
+    config.fail_fast = false;
     let mut builder = Builder::from_config(config);
     builder
         .with_performance_config(|p| {
@@ -92,9 +94,28 @@ pub(crate) fn supervise<C: ClientLike + Clone + Send + 'static>(client: C, task:
 /// A connected command client, its routing task supervised ([`supervise`]).
 pub async fn connect_client(settings: &RedisSettings) -> Result<Client, BackplaneError> {
     let client = builder(settings)?.build()?;
-    let task = client.init().await?;
+    let task = init(&client).await?;
     supervise(client.clone(), task);
     Ok(client)
+}
+
+/// How long a new client waits for Redis. A process started while Redis restarts or fails
+/// over (a cluster master down, its replica not yet promoted) waits for it, not ready
+/// meanwhile, instead of exiting at once and being restarted with a growing back-off.
+pub(super) const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// Connects a client: `Ok` once connected, an error past [`CONNECT_WAIT`].
+pub(super) async fn init<C: ClientLike>(client: &C) -> Result<ConnectHandle, BackplaneError> {
+    match tokio::time::timeout(CONNECT_WAIT, client.init()).await {
+        Ok(connected) => Ok(connected?),
+        Err(_) => {
+            let _ = client.quit().await;
+            Err(BackplaneError::Redis(fred::error::Error::new(
+                fred::error::ErrorKind::Timeout,
+                format!("no connection to Redis within {} s", CONNECT_WAIT.as_secs()),
+            )))
+        }
+    }
 }
 
 /// The Lua scripts, run by SHA (loaded again by fred after a `NOSCRIPT`, e.g. on a new
