@@ -562,9 +562,10 @@ async fn a_refused_resubscription_is_tried_again_until_it_succeeds() {
     assert_eq!(b.next("message").await["id"], sent[0]);
 }
 
-/// 150 `join_room {afterSeq: 0}` in a row, each replaying 500 messages, from a client that
-/// never reads: the socket is cut off as a slow consumer, said once in the log, and the
-/// joins still queued are answered without a warning each.
+/// 150 `join_room {afterSeq: 0}` in a row, each after a `leave_room` (a join of a room the
+/// socket is in replays nothing) and each replaying 500 messages, from a client that never
+/// reads: the socket is cut off as a slow consumer, said once in the log, and the joins still
+/// queued are answered without a warning each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_replays_to_a_client_that_never_reads_is_logged_once() {
     use futures::{SinkExt, StreamExt};
@@ -583,6 +584,8 @@ async fn a_flood_of_replays_to_a_client_that_never_reads_is_logged_once() {
         ("LOG_FORMAT", "text".to_owned()),
         ("EVENTS_PER_SECOND", "100000".to_owned()),
         ("EVENT_BURST", "100000".to_owned()),
+        ("JOINS_PER_SECOND", "100000".to_owned()),
+        ("JOIN_BURST", "100000".to_owned()),
     ]);
     let _gateway = common::procs::Proc::spawn_logged("gateway", "gateway", &env, &log);
     wait_ready(admin).await;
@@ -633,7 +636,11 @@ async fn a_flood_of_replays_to_a_client_that_never_reads_is_logged_once() {
     }
     for i in 0..150 {
         let join = json!(["join_room", { "roomId": room, "afterSeq": 0 }]);
-        ws.send(Message::text(format!("42/chat,{i}{join}")))
+        let leave = json!(["leave_room", { "roomId": room }]);
+        ws.send(Message::text(format!("42/chat,{}{join}", 2 * i)))
+            .await
+            .unwrap();
+        ws.send(Message::text(format!("42/chat,{}{leave}", 2 * i + 1)))
             .await
             .unwrap();
     }
