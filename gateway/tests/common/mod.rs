@@ -266,6 +266,10 @@ impl TestApp {
             "1000000",
             "--event-burst",
             "1000000",
+            // `room_beside` creates rooms until one falls in a given partition: one in 16,
+            // so now and then more than the default allows.
+            "--room-creations-per-user",
+            "100000",
         ];
         if self.embedded {
             let dir = self
