@@ -44,7 +44,7 @@ IDLE_FRESH_LARGE=${IDLE_FRESH_LARGE:-15000}
 SECRET="bench-secret-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
 
 echo "==> building (release)"
-cargo build --release --locked -p gateway -p persister -p loadtest
+cargo build --release --locked --bin gateway --bin persister --bin loadtest
 (cd loadtest/peers/socketioxide && cargo build --release --locked)
 if [ ! -x .venv/bin/secantusd-py ]; then
   python3 -m venv .venv

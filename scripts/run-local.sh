@@ -29,7 +29,8 @@ if [ -z "${MONGODB_URI:-}" ] && [ ! -x .venv/bin/secantusd-py ]; then
   .venv/bin/pip install -q --pre -r tests/python/requirements.txt
 fi
 if [ -z "${BIN_DIR:-}" ]; then
-  cargo build --release --locked -p gateway -p persister
+  # --bin, not -p: features resolved as for the workspace, so other release builds are reused.
+  cargo build --release --locked --bin gateway --bin persister
   BIN_DIR=$root/target/release
 fi
 
@@ -52,8 +53,22 @@ wait_port() {
   return 1
 }
 
+# A port another process holds would let wait_port succeed on that process's listener, and
+# the one started here would fail to bind unseen: refuse to start instead.
+port_free() {
+  if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+    echo "port $1 is taken by another process: stop it, or set $2 to a free port" >&2
+    exit 1
+  fi
+}
+port_free "$lb_port" LB_PORT
+for port in "${gateway_ports[@]}"; do port_free "$port" GATEWAY_PORTS; done
+for port in "${admin_ports[@]}"; do port_free "$port" GATEWAY_ADMIN_PORTS; done
+port_free "${PERSISTER_ADMIN_PORT:-9101}" PERSISTER_ADMIN_PORT
+
 if [ -z "${REDIS_URL:-}" ]; then
   port=${REDIS_PORT:-6380}
+  port_free "$port" REDIS_PORT
   mkdir -p "$data/redis"
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly yes --dir "$data/redis" \
     --loglevel warning >/dev/null &
@@ -63,6 +78,7 @@ if [ -z "${REDIS_URL:-}" ]; then
 fi
 if [ -z "${MONGODB_URI:-}" ]; then
   port=${MONGO_PORT:-27017}
+  port_free "$port" MONGO_PORT
   mkdir -p "$data/mongo"
   .venv/bin/secantusd-py --host 127.0.0.1 --port "$port" --storage-path "$data/mongo" --log-level WARNING &
   pids+=($!)
@@ -105,5 +121,12 @@ EOF
 haproxy -f "$data/haproxy.cfg" -db &
 pids+=($!)
 wait_port "$lb_port"
+# Every child still running (one that failed at start has exited by now, its reason above).
+for pid in "${pids[@]}"; do
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "a process started here (pid $pid) exited; see its message above" >&2
+    exit 1
+  fi
+done
 echo "ready: chat on http://localhost:$lb_port (HAProxy, sticky) → gateways on ${gateway_ports[*]}; Ctrl-C stops everything"
 wait

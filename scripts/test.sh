@@ -81,6 +81,11 @@ cargo machete
 step "cargo test (unit and integration, real Redis and SecantusDB)"
 # The fault tests run the gateway and persister binaries as processes.
 cargo build --workspace --locked --bins
+# The README's run command builds with `--bin`: it must reuse what a workspace build made.
+if cargo build --locked --bin gateway 2>&1 | grep -q Compiling; then
+  echo "cargo build --bin gateway compiled again what the workspace build made" >&2
+  exit 1
+fi
 cargo test --workspace --locked
 
 step "chaos runs (the whole deployment under faults drawn from a seed, then the history checked: loadtest/chaos-seeds)"
@@ -91,14 +96,15 @@ while read -r redis seed seconds faults; do
 done < <(sed 's/#.*//' loadtest/chaos-seeds)
 
 step "contract tests on a Redis Cluster (3 masters, 3 replicas; 2 gateways, 3 persisters)"
-CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test socket --test rest
+CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test socket --test rest --test presence
 # The gap tests that take their Redis from the environment (the 1,000-message ones run on a
 # cluster in the plain run already).
 CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test gaps -- \
   a_hole a_gap a_client a_removed
 
 step "contract tests against the embedded mode (one process, SQLite)"
-CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest --test gaps
+CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest --test gaps \
+  --test presence
 
 step "JavaScript suite (official socket.io-client, also embedded and on a Redis Cluster; HAProxy affinity; the chat page in Chromium)"
 (cd tests/js && npm test && CHAT_MODE=embedded npm run test:contract \

@@ -5,14 +5,15 @@ use crate::drain::Drain;
 use crate::feed::FeedLimits;
 use crate::http::{self, HttpState, LoginLimits};
 use crate::limits::{Limits, Rate, UserLimiter};
+use crate::presence::PresenceTracker;
 use crate::rooms::{Fanout, RoomRegistry};
 use crate::settings::{Mode, Settings};
 use crate::socket::{self, Connections, SocketState};
 use anyhow::{Context, anyhow};
 use shared::admin::listen;
 use shared::backplane::{
-    Backplane, MAX_IDEMPOTENCY_KEYS, MemoryBackplane, MemoryLimits, MissedSink, RedisBackplane,
-    RoomEventSink,
+    Backplane, Keys, MAX_IDEMPOTENCY_KEYS, MemoryBackplane, MemoryLimits, MemoryPresence,
+    MissedSink, Presence, RedisBackplane, RedisPresence, RoomEventSink,
 };
 use shared::config::Secret;
 use shared::counters::{Counters, MemoryCounters, RedisCounters};
@@ -48,6 +49,7 @@ pub struct Application {
     limits: crate::serve::Limits,
     /// Closed after everything else has stopped.
     store: Arc<dyn Store>,
+    presence: Arc<PresenceTracker>,
 }
 
 /// The parts of the embedded mode that run beside the gateway: the persister's loop over
@@ -147,6 +149,9 @@ impl Application {
             settings.jwt_audience.clone(),
         );
 
+        if mode == Mode::Distributed {
+            shared::backplane::check_url(&settings.redis)?;
+        }
         let store: Arc<dyn Store> = match mode {
             Mode::Distributed => Arc::new(
                 MongoStore::connect(&settings.mongo, "chat-gateway")
@@ -220,6 +225,17 @@ impl Application {
             }
         };
 
+        let presence: Arc<dyn Presence> = match &embedded {
+            Some(parts) => Arc::new(MemoryPresence::new(parts.backplane.clone())),
+            None => Arc::new(RedisPresence::new(
+                shared::backplane::connect_client(&settings.redis)
+                    .await
+                    .context("connecting to Redis (REDIS_URL)")?,
+                Keys::new(&settings.redis.prefix, settings.ingest.partitions),
+            )),
+        };
+        let presence =
+            PresenceTracker::new(presence, Duration::from_secs(settings.presence_ttl_secs));
         let drain_state = Arc::new(Drain::default());
         let chat = Chat {
             store: store.clone(),
@@ -232,6 +248,7 @@ impl Application {
                 Duration::from_secs(settings.membership_cache_secs),
             )),
             users: Arc::new(crate::user_lookup::UserLookup::new(store.clone())),
+            presence: presence.clone(),
         };
         let rooms = RoomRegistry::new(
             backplane.clone(),
@@ -340,7 +357,9 @@ impl Application {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .filter(|cap| *cap < settings.listen_backlog)
         {
-            tracing::warn!(
+            // Info, not a warning: it matters only in a connect storm, and most hosts keep the
+            // kernel's default.
+            tracing::info!(
                 listen_backlog = settings.listen_backlog,
                 somaxconn = cap,
                 "the kernel caps the listen backlog at net.core.somaxconn; raise it for connect storms"
@@ -379,6 +398,7 @@ impl Application {
                 },
             },
             store,
+            presence,
         })
     }
 
@@ -437,6 +457,8 @@ impl Application {
                 sampler.abort();
             })
         });
+        let presence_stop = CancellationToken::new();
+        let presence = self.presence.start(presence_stop.clone());
         let shutdown = self.shutdown.clone();
         let admin = axum::serve(self.admin, self.admin_router)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -480,6 +502,9 @@ impl Application {
         // to another gateway behind the load balancer.
         tracing::info!("closing sockets");
         let _ = tokio::time::timeout_at(deadline, self.io.close()).await;
+        // Declared gone: the other gateways take this one's users offline.
+        presence_stop.cancel();
+        let _ = tokio::time::timeout_at(deadline, presence).await;
         if tokio::time::timeout_at(deadline, &mut api).await.is_err() {
             tracing::warn!("drain time over, exiting with connections open");
             api.abort();

@@ -20,6 +20,8 @@ pub struct Chat {
     pub members: Arc<crate::membership::MembershipCache>,
     /// User records, looked up in batches (connects, REST requests, sockets' re-checks).
     pub users: Arc<crate::user_lookup::UserLookup>,
+    /// Who is online in which room.
+    pub presence: Arc<crate::presence::PresenceTracker>,
 }
 
 impl Chat {
@@ -36,6 +38,20 @@ impl Chat {
             ));
         }
         Ok(room)
+    }
+
+    /// The ids (hex) of the users online in `room`; the caller checked that the asking user is
+    /// a participant.
+    pub async fn online(&self, room: ObjectId) -> Result<Vec<String>, ChatError> {
+        let mut online: Vec<String> = self
+            .presence
+            .online(room)
+            .await?
+            .into_iter()
+            .map(ObjectId::to_hex)
+            .collect();
+        online.sort_unstable();
+        Ok(online)
     }
 
     /// `Ok` when `user` is a participant of `room`, from the membership cache: for checks

@@ -9,7 +9,7 @@
 use crate::socket::session::Session;
 use serde::Serialize;
 use shared::ObjectId;
-use shared::wire::{ChatMessage, UserTyping};
+use shared::wire::{ChatMessage, PresenceChange, UserTyping};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,6 +154,11 @@ pub fn emit_typing(io: &SocketIo, sockets: &RoomSockets, typing: &UserTyping) {
     let room = sockets.get(io);
     let others = room.iter().filter(|s| !typist.contains(&s.id));
     emit_serialised(others, "user_typing", typing);
+}
+
+/// Emits `presence` to every local socket of the room.
+pub fn emit_presence(io: &SocketIo, sockets: &RoomSockets, change: &PresenceChange) {
+    emit_serialised(sockets.get(io).iter(), "presence", change);
 }
 
 /// Emits one event to the given sockets, encoded once for all of them: every socket's

@@ -18,6 +18,7 @@ mod feed;
 mod http;
 mod limits;
 mod membership;
+mod presence;
 mod rooms;
 mod serve;
 mod settings;

@@ -6,7 +6,7 @@
 //! rooms. [`Fanout`] routes what the backplane delivers: messages to the room's feed,
 //! typing notices straight to the room's sockets, removals to the removed user's sockets.
 
-use crate::delivery::{self, NAMESPACE, emit_typing, user_key};
+use crate::delivery::{self, NAMESPACE, emit_presence, emit_typing, user_key};
 use crate::error::ChatError;
 use crate::feed::{FeedContext, FeedHandle, FeedLimits};
 use crate::socket::session::Session;
@@ -291,6 +291,11 @@ impl Fanout {
             RoomEvent::Typing(typing) => {
                 if let Some(feed) = feed(&typing.room_id) {
                     emit_typing(io, &feed.sockets, &typing);
+                }
+            }
+            RoomEvent::Presence(change) => {
+                if let Some(feed) = feed(&change.room_id) {
+                    emit_presence(io, &feed.sockets, &change);
                 }
             }
             RoomEvent::Messages(batch) => {

@@ -47,14 +47,14 @@ pub struct Settings {
     /// embedded mode generates one in --data-dir when it is not set.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<Secret>,
-    /// When set, issued tokens carry this `iss` and every token must.
+    /// When set, issued tokens carry this `iss`, and a token without it is refused.
     #[arg(long, env = "JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// When set, issued tokens carry this `aud` and every token must.
+    /// When set, issued tokens carry this `aud`, and a token without it is refused.
     #[arg(long, env = "JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Lifetime of issued access tokens, in seconds.
-    #[arg(long, env = "JWT_EXPIRES_IN", default_value_t = 3600)]
+    #[arg(long, env = "JWT_EXPIRES_IN", default_value_t = 3600, value_parser = clap::value_parser!(i64).range(1..))]
     pub jwt_expires_in: i64,
     /// TCP listen backlog. Large enough that a storm of simultaneous connects is queued,
     /// not refused (the kernel caps it at `net.core.somaxconn`).
@@ -99,17 +99,23 @@ pub struct Settings {
     /// Sustained `send_message` + `typing` events (and REST message posts) per second allowed
     /// per user, across all of the user's sockets on a gateway; over it an event is refused
     /// with `RATE_LIMITED` (REST: 429).
-    #[arg(long, env = "EVENTS_PER_SECOND", default_value_t = 20.0)]
+    #[arg(long, env = "EVENTS_PER_SECOND", default_value_t = 20.0, value_parser = shared::config::positive_rate)]
     pub events_per_second: f64,
     /// Events a user may send at once above the sustained rate.
-    #[arg(long, env = "EVENT_BURST", default_value_t = 40.0)]
+    #[arg(long, env = "EVENT_BURST", default_value_t = 40.0, value_parser = shared::config::positive_rate)]
     pub event_burst: f64,
-    /// Sustained `join_room` + `leave_room` events per second allowed per user.
-    #[arg(long, env = "JOINS_PER_SECOND", default_value_t = 10.0)]
+    /// A gateway that dies (its process killed, its machine gone) has its users shown
+    /// offline in their rooms within this many seconds. Each gateway writes one heartbeat
+    /// every quarter of it, whatever it holds.
+    #[arg(long, env = "PRESENCE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..))]
+    pub presence_ttl_secs: u64,
+    /// Sustained `join_room` + `leave_room` (and `get_presence`) events per second allowed
+    /// per user.
+    #[arg(long, env = "JOINS_PER_SECOND", default_value_t = 10.0, value_parser = shared::config::positive_rate)]
     pub joins_per_second: f64,
     /// Joins and leaves a user may send at once above the sustained rate (a client that
     /// reconnects rejoins all its rooms at once).
-    #[arg(long, env = "JOIN_BURST", default_value_t = 200.0)]
+    #[arg(long, env = "JOIN_BURST", default_value_t = 200.0, value_parser = shared::config::positive_rate)]
     pub join_burst: f64,
     /// Refused events in a row after which the connection is closed.
     #[arg(long, env = "RATE_LIMIT_DISCONNECT_AFTER", default_value_t = 50)]
@@ -249,5 +255,25 @@ mod tests {
                 .contains("REDIS_URL is not")
         );
         assert!(mode(&["--embedded", "--mongodb-uri", "mongodb://m"]).is_err());
+    }
+
+    #[test]
+    fn help_and_values_say_what_applies() {
+        use clap::CommandFactory;
+        let help = Settings::command().render_long_help().to_string();
+        // Without REDIS_URL the gateway runs embedded: no Redis default to show.
+        assert!(!help.contains("redis://127.0.0.1:6379"), "{help}");
+        assert!(!help.contains("every token must"), "{help}");
+        for wrong in [
+            ["--events-per-second", "-1"],
+            ["--event-burst", "0"],
+            ["--joins-per-second", "NaN"],
+            ["--join-burst", "x"],
+            ["--jwt-expires-in", "0"],
+        ] {
+            let parsed =
+                Settings::try_parse_from(std::iter::once("gateway").chain(wrong.iter().copied()));
+            assert!(parsed.is_err(), "{wrong:?} accepted");
+        }
     }
 }

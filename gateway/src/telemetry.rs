@@ -43,6 +43,14 @@ pub fn describe() {
         "Room channels this gateway is subscribed to in Redis."
     );
     describe_counter!(
+        "chat_gateway_presence_writes_total",
+        "Presence changes written to the shared presence, by result (a failed one is retried)."
+    );
+    describe_counter!(
+        "chat_gateway_presence_reaped_total",
+        "Presence entries of dead gateways taken offline by this gateway."
+    );
+    describe_counter!(
         "chat_gateway_slow_consumer_disconnects_total",
         "Sockets disconnected because their outgoing buffer was full."
     );

@@ -26,6 +26,7 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         shared::admin::prometheus();
         describe_metrics();
+        shared::backplane::check_url(&settings.redis)?;
         let store = Arc::new(
             MongoStore::connect(&settings.mongo, "chat-persister")
                 .await

@@ -8,8 +8,17 @@ use std::net::IpAddr;
 /// Stores chat messages from the ingest partitions in MongoDB.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "persister", version, about)]
+// The shared settings' local defaults, and out of the help the gateway's own (they are
+// still read, so that one environment can serve both).
+#[command(
+    mut_arg("url", |a| a.default_value("redis://127.0.0.1:6379")),
+    mut_arg("uri", |a| a.default_value("mongodb://127.0.0.1:27017")),
+    mut_arg("pubsub_capacity", |a| a.hide(true)),
+    mut_arg("max_backlog", |a| a.hide(true)),
+    mut_arg("idempotency_ttl_secs", |a| a.hide(true)),
+)]
 pub struct Settings {
-    /// Address of the admin server.
+    /// Address the admin server listens on when ADMIN_HOST is not set.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
     /// Address of the admin server (`/metrics`, `/healthz`, `/readyz`, without
@@ -52,4 +61,34 @@ pub struct Settings {
 
 fn default_name() -> String {
     std::env::var("HOSTNAME").unwrap_or_else(|_| "persister".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_lists_only_what_a_persister_uses() {
+        Settings::command().debug_assert();
+        let help = Settings::command().render_long_help().to_string();
+        for gateway_only in [
+            "INGEST_MAX_BACKLOG",
+            "IDEMPOTENCY_TTL_SECS",
+            "REDIS_PUBSUB_CAPACITY",
+            "distributed mode",
+        ] {
+            assert!(!help.contains(gateway_only), "{gateway_only}: {help}");
+        }
+        assert!(help.contains("[default: redis://127.0.0.1:6379]"), "{help}");
+        assert!(
+            help.contains("[default: mongodb://127.0.0.1:27017]"),
+            "{help}"
+        );
+        assert_eq!(
+            help.matches("Address of the admin server").count(),
+            1,
+            "{help}"
+        );
+    }
 }

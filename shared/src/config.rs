@@ -7,10 +7,9 @@ use std::fmt;
 /// Where Redis is and how our names in it start.
 #[derive(Args, Debug, Clone)]
 pub struct RedisSettings {
-    /// Redis URL: one node, `redis://[user:password@]host:port[/db]` (default
-    /// `redis://127.0.0.1:6379`), or a Redis Cluster,
-    /// `redis-cluster://[user:password@]host:port?node=host:port&node=host:port`. Its value is never printed: it may hold a password. For
-    /// the gateway, setting it (with MONGODB_URI) selects the distributed mode.
+    /// Redis URL: one node, `redis://[user:password@]host:port[/db]`, or a Redis Cluster,
+    /// `redis-cluster://[user:password@]host:port?node=host:port&node=host:port`. Its value
+    /// is never printed: it may hold a password.
     #[arg(long = "redis-url", env = "REDIS_URL", hide_env_values = true)]
     pub url: Option<String>,
     /// Prefix of every Redis key and channel this service uses.
@@ -34,9 +33,8 @@ pub struct RedisSettings {
 /// Where MongoDB is.
 #[derive(Args, Debug, Clone)]
 pub struct MongoSettings {
-    /// MongoDB connection string (default `mongodb://127.0.0.1:27017`). Its value is never
-    /// printed: it may hold a password. For the gateway, setting it (with REDIS_URL) selects
-    /// the distributed mode.
+    /// MongoDB connection string, `mongodb://[user:password@]host:port[,host:port]`. Its
+    /// value is never printed: it may hold a password.
     #[arg(long = "mongodb-uri", env = "MONGODB_URI", hide_env_values = true)]
     pub uri: Option<String>,
     /// Database name.
@@ -76,6 +74,14 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
 }
 
+/// A rate: a finite number above zero (clap's value parser).
+pub fn positive_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err("expected a number above 0".to_owned()),
+    }
+}
+
 /// A secret string whose `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -106,5 +112,16 @@ impl std::str::FromStr for Secret {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(Self(s.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates_are_numbers_above_zero() {
+        assert_eq!(super::positive_rate("2.5"), Ok(2.5));
+        for wrong in ["-1", "0", "NaN", "inf", "x", ""] {
+            assert!(super::positive_rate(wrong).is_err(), "{wrong}");
+        }
     }
 }

@@ -371,8 +371,20 @@ impl MongoStore {
         options.app_name = Some(app_name.to_owned());
         options.server_selection_timeout = Some(Duration::from_secs(5));
         options.connect_timeout = Some(Duration::from_secs(5));
+        let hosts: Vec<String> = options.hosts.iter().map(ToString::to_string).collect();
         let client = mongodb::Client::with_options(options)?;
         let db = client.database(&settings.db);
+        // The driver's own error for an unreachable server describes the whole topology in
+        // several hundred characters; at start one line says what to check.
+        if let Err(e) = db.run_command(doc! { "ping": 1 }).await {
+            return Err(StoreError::Unavailable(match *e.kind {
+                ErrorKind::ServerSelection { .. } => format!(
+                    "no MongoDB server answered at {} within 5 s",
+                    hosts.join(",")
+                ),
+                _ => e.to_string(),
+            }));
+        }
         let store = Self {
             users: db.collection("users"),
             rooms: db.collection("rooms"),

@@ -47,6 +47,18 @@ pub struct UserTyping {
     pub room_id: ObjectId,
 }
 
+/// The `presence` event: a user's first socket joined the room, on any gateway (online), or
+/// their last one left it (offline).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceChange {
+    #[serde(with = "oid_hex")]
+    pub room_id: ObjectId,
+    #[serde(with = "oid_hex")]
+    pub user_id: ObjectId,
+    pub online: bool,
+}
+
 /// What travels on a room's pub/sub channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -61,6 +73,9 @@ pub enum RoomEvent {
     /// and forgets that the user was allowed in it. Sent on the control channel, which
     /// every gateway hears, not on the room's.
     MemberRemoved(MemberRemoved),
+    /// A user came online or went offline in the room: emitted as `presence` to every
+    /// local member.
+    Presence(PresenceChange),
 }
 
 /// Payload of [`RoomEvent::Messages`].
@@ -95,6 +110,7 @@ impl RoomEvent {
             RoomEvent::Messages(b) => b.room_id,
             RoomEvent::Typing(t) => t.room_id,
             RoomEvent::MemberRemoved(r) => r.room_id,
+            RoomEvent::Presence(p) => p.room_id,
         }
     }
 }

@@ -3,11 +3,12 @@
 // plain round robin, long-polling fails, as it must (each poll may land on the other
 // gateway, which does not know the session). The second half keeps the first honest.
 // Last, scripts/run-local.sh (the container-free topology) is started and used through its
-// own HAProxy.
+// own HAProxy, with docs/API.md's snippet as printed; and it refuses to start on a port
+// another process holds.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -134,11 +135,13 @@ test('without affinity, long-polling fails (so the test above can fail)', async 
   assert.ok(Date.now() - started < 5000, 'failed fast, not by a timeout');
 });
 
-test('scripts/run-local.sh starts the whole topology behind its load balancer', async () => {
-  const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../..');
+const root = path.resolve(path.dirname(new URL(import.meta.url).pathname), '../..');
+
+/** Starts scripts/run-local.sh on free ports (or those `given`); its output is collected. */
+async function runLocal(given = {}) {
   const ports = {};
   for (const name of ['LB_PORT', 'REDIS_PORT', 'MONGO_PORT', 'PERSISTER_ADMIN_PORT', 'g1', 'g2', 'a1', 'a2']) {
-    ports[name] = await freePort();
+    ports[name] = given[name] ?? await freePort();
   }
   const child = spawn(path.join(root, 'scripts/run-local.sh'), [], {
     env: {
@@ -156,20 +159,69 @@ test('scripts/run-local.sh starts the whole topology behind its load balancer', 
       REDIS_URL: '',
       MONGODB_URI: '',
     },
-    stdio: ['ignore', 'pipe', 'inherit'],
+    stdio: ['ignore', 'pipe', 'pipe'],
   });
+  const output = { stdout: '', stderr: '' };
+  child.stdout.on('data', (chunk) => { output.stdout += chunk; });
+  child.stderr.on('data', (chunk) => { output.stderr += chunk; process.stderr.write(chunk); });
+  /** Resolves on its "ready:" line; rejects when it exits first. */
+  const ready = () => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('run-local.sh not ready in 60 s')), 60_000);
+    const check = () => {
+      if (output.stdout.includes('ready:')) { clearTimeout(timer); resolve(); }
+    };
+    child.stdout.on('data', check);
+    check();
+    child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`run-local.sh exited with ${code}`)); });
+  });
+  return { child, ports, output, ready };
+}
+
+/** docs/API.md's first JavaScript snippet, as printed, with its URL pointed at `url`. */
+async function apiSnippet(url, accessToken) {
+  const doc = readFileSync(path.join(root, 'docs/API.md'), 'utf8');
+  const code = doc.match(/```javascript\n([\s\S]*?)```/)[1];
+  assert.ok(code.includes("'http://localhost:3000/chat'"), 'the snippet names the URL the test replaces');
+  // Beside node_modules, so that its import resolves as a user's would.
+  const file = path.join(root, 'tests/js', `.api-snippet-${process.pid}.mjs`);
+  writeFileSync(file, `const accessToken = ${JSON.stringify(accessToken)};\n`
+    + code.replaceAll('http://localhost:3000', url)
+    + '\nsocket.io.reconnection(false);\nexport default socket;\n');
   try {
-    await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('run-local.sh not ready in 60 s')), 60_000);
-      child.stdout.on('data', (chunk) => {
-        if (String(chunk).includes('ready:')) { clearTimeout(timer); resolve(); }
-      });
-      child.once('exit', (code) => { clearTimeout(timer); reject(new Error(`run-local.sh exited with ${code}`)); });
-    });
+    return (await import(file)).default;
+  } finally {
+    rmSync(file);
+  }
+}
+
+test('scripts/run-local.sh starts the whole topology behind its load balancer, and the API snippet works through it', async () => {
+  const { child, ports, ready } = await runLocal();
+  try {
+    await ready();
     const url = `http://127.0.0.1:${ports.LB_PORT}`;
     const ann = await register(url, 'local-ann');
     const room = await createRoom(url, ann.accessToken, []);
     assert.equal(await chatThrough(url, ['polling'], ann.accessToken, room._id), 'polling');
+    // docs/API.md's snippet: polling first, then the upgrade, through the sticky balancer.
+    const socket = await apiSnippet(url, ann.accessToken);
+    try {
+      const errors = [];
+      socket.io.on('error', (e) => errors.push(`error: ${e.message}`));
+      socket.on('disconnect', (reason) => errors.push(`disconnect: ${reason}`));
+      if (!socket.connected) await once(socket, 'connect');
+      const joined = await socket.timeout(10_000).emitWithAck('join_room', { roomId: room._id });
+      assert.equal(joined.ok, true);
+      for (let i = 0; i < 5; i++) {
+        const received = once(socket, 'message');
+        const ack = await socket.timeout(10_000).emitWithAck('send_message', { roomId: room._id, content: `snippet #${i}` });
+        assert.equal(ack.ok, true);
+        assert.equal((await received).content, `snippet #${i}`);
+      }
+      assert.equal(socket.connected, true);
+      assert.deepEqual(errors, []);
+    } finally {
+      socket.close();
+    }
   } finally {
     const exited = new Promise((r) => child.once('exit', r));
     child.kill('SIGTERM');
@@ -182,5 +234,22 @@ test('scripts/run-local.sh starts the whole topology behind its load balancer', 
       s.once('error', () => resolve(false));
     });
     assert.equal(open, false, `port ${port} still open after SIGTERM`);
+  }
+});
+
+test('scripts/run-local.sh refuses to start when its balancer\'s port is taken, rather than say ready', async () => {
+  // Another process on the balancer's port: HAProxy could not bind it, and the script's
+  // wait for the port would succeed on the other listener.
+  const squatter = net.createServer((s) => s.destroy());
+  const port = await freePort();
+  await new Promise((resolve) => squatter.listen(port, '127.0.0.1', resolve));
+  try {
+    const { child, output } = await runLocal({ LB_PORT: port });
+    const code = await new Promise((r) => child.once('exit', r));
+    assert.notEqual(code, 0);
+    assert.ok(!output.stdout.includes('ready:'), output.stdout);
+    assert.match(output.stderr, /LB_PORT/);
+  } finally {
+    squatter.close();
   }
 });

@@ -88,6 +88,7 @@ pub fn router(state: HttpState) -> Router {
                 .post(rooms::post_message)
                 .layer(DefaultBodyLimit::max(MESSAGE_BODY_LIMIT)),
         )
+        .route("/chat/rooms/{id}/presence", get(rooms::presence))
         .route("/users", get(users::find))
         .route("/users/{id}", get(users::get))
         .fallback(not_found)

@@ -329,6 +329,20 @@ pub async fn messages(
     Ok(Json(page))
 }
 
+/// `GET /chat/rooms/:id/presence`: who is online in the room, for its participants.
+pub async fn presence(
+    State(state): State<HttpState>,
+    Authenticated(user): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ChatError> {
+    let room = parse_object_id("id", &id)?;
+    state.chat.room_for(&user.id, room).await?;
+    let online = state.chat.online(room).await?;
+    Ok(Json(
+        serde_json::json!({ "roomId": room.to_hex(), "online": online }),
+    ))
+}
+
 pub async fn post_message(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,

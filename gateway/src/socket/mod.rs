@@ -159,16 +159,20 @@ async fn authenticate(
         Ok(user) => {
             delivery::join(&s, user_key(&user.id));
             tracing::debug!(socket = %s.id, user_id = %user.id, "connected");
-            let session = Arc::new(Session::new(
-                user,
-                state.membership_ttl,
-                state.drain.clone(),
-                state.limits.clone(),
-            ));
+            let session = Arc::new(
+                Session::new(
+                    user,
+                    state.membership_ttl,
+                    state.drain.clone(),
+                    state.limits.clone(),
+                )
+                .with_presence(state.chat.presence.clone()),
+            );
             s.extensions.insert(session.clone());
             state.expiries.insert(session.user.exp, s.clone());
             s.on("join_room", on_join_room);
             s.on("leave_room", on_leave_room);
+            s.on("get_presence", on_get_presence);
             s.on("send_message", on_send_message);
             s.on("typing", on_typing);
             s.on_fallback(on_unknown_event);
@@ -425,6 +429,27 @@ async fn on_send_message(
     }
     .await;
     respond(&s, turn.wants_ack, ack, "send_message", result);
+    if turn.session.take_kick() {
+        let _ = s.disconnect();
+    }
+}
+
+async fn on_get_presence(
+    s: SocketRef,
+    mut turn: Turn<Joins>,
+    ack: AckSender,
+    State(state): State<Arc<SocketState>>,
+    TryData(data): TryData<Value>,
+) {
+    let result = async {
+        turn.wait().await?;
+        let room = payload::room_id(payload::read(data))?;
+        authorize(&state, &turn.session, room).await?;
+        let online = state.chat.online(room).await?;
+        Ok(json!({ "ok": true, "roomId": room.to_hex(), "online": online }))
+    }
+    .await;
+    respond(&s, turn.wants_ack, ack, "get_presence", result);
     if turn.session.take_kick() {
         let _ = s.disconnect();
     }

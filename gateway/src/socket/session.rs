@@ -3,6 +3,7 @@
 use crate::drain::{Drain, InFlight};
 use crate::error::ChatError;
 use crate::limits::{Limits, UserLimiter};
+use crate::presence::PresenceTracker;
 use shared::ObjectId;
 use shared::jwt::AuthUser;
 use socketioxide::adapter::Adapter;
@@ -51,6 +52,8 @@ pub struct Session {
     slow: AtomicBool,
     /// When the user was last found to exist.
     user_checked: Mutex<Option<Instant>>,
+    /// Told of every room this socket joins and leaves.
+    presence: Option<Arc<PresenceTracker>>,
 }
 
 /// How long a finding that the socket's user exists is trusted.
@@ -59,6 +62,10 @@ const USER_RECHECK: Duration = Duration::from_secs(1);
 #[derive(Default)]
 struct Rooms {
     joined: HashSet<ObjectId>,
+    /// The joined rooms the socket is in on Socket.IO's side too, as presence counts it:
+    /// the user counts as online there from the moment the socket receives the room's
+    /// events, so their own socket hears its `presence` too.
+    present: HashSet<ObjectId>,
     closed: bool,
 }
 
@@ -83,7 +90,14 @@ impl Session {
             cut_off: Default::default(),
             slow: Default::default(),
             user_checked: Mutex::new(None),
+            presence: None,
         }
+    }
+
+    /// The session tells `presence` of the rooms it joins and leaves.
+    pub fn with_presence(mut self, presence: Arc<PresenceTracker>) -> Self {
+        self.presence = Some(presence);
+        self
     }
 
     /// Whether the socket is being cut off as a slow consumer.
@@ -204,6 +218,11 @@ impl Session {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         let was = rooms.joined.remove(room);
         leave();
+        if rooms.present.remove(room)
+            && let Some(presence) = &self.presence
+        {
+            presence.left(*room, self.user.id);
+        }
         was
     }
 
@@ -211,10 +230,15 @@ impl Session {
     /// `room` and not cut off as a slow consumer, under the lock its leaves take; `false`
     /// when not.
     pub fn join_recorded(&self, room: &ObjectId, join: impl FnOnce()) -> bool {
-        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         let recorded = rooms.joined.contains(room) && !self.slow.load(Ordering::Relaxed);
         if recorded {
             join();
+            if rooms.present.insert(*room)
+                && let Some(presence) = &self.presence
+            {
+                presence.joined(*room, self.user.id);
+            }
         }
         recorded
     }
@@ -224,6 +248,12 @@ impl Session {
         self.closed.cancel();
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         rooms.closed = true;
+        let present: Vec<ObjectId> = rooms.present.drain().collect();
+        if let Some(presence) = &self.presence {
+            for room in present {
+                presence.left(room, self.user.id);
+            }
+        }
         rooms.joined.drain().collect()
     }
 }

@@ -15,6 +15,10 @@
 //! | `{chat:ingest:p}:idem:<user>:<room>:<clientMsgId>` | string | the partition of the room: checked and set in the append script | `<messageId> <millis> <seq> <content hash>` of the first send | `EX IDEMPOTENCY_TTL_SECS` (24 h) |
 //! | `{chat:ingest:p}:renumbered:<roomId>:<entryId>` | string | the partition: set by the renumber script | what one renumbering moved | `EX 600` |
 //! | `{chat:ingest:p}:room:<roomId>` | sharded channel | the partition: the complete script publishes with the fenced acknowledge | `message` batches and `typing` of one room | pub/sub |
+//! | `{chat:ingest:p}:presence:<roomId>` | hash | the partition of the room: the presence script changes it and publishes on the room's channel | `<gateway> <userId>` for each user a gateway holds sockets of in the room, and `u:<userId>` → how many gateways do | one field per user and gateway holding them; deleted with the last |
+//! | `{chat}:presence:gateways` | sorted set | its own, with the next | live gateway instances, scored by heartbeat expiry | one member per live gateway |
+//! | `{chat}:presence:dead` | set | the previous | gateway instances whose heartbeat expired, until their entries are taken offline | removed once reaped |
+//! | `{chat:presence:<gateway>}:held` | set | its own (one per gateway) | `<roomId> <userId>` of every entry the gateway holds, for taking them offline after it died | deleted when reaped |
 //! | `{chat}:control` | sharded channel | its own | participant removals, heard by every gateway | pub/sub |
 //! | `{chat}:ingest:partitions` | string | its own | the partition count, recorded by the first process | one key |
 //! | `{chat}:persisters` | sorted set | its own | live persister instances, scored by heartbeat expiry | one member per live persister; stale ones removed at every heartbeat |
@@ -132,6 +136,30 @@ impl Keys {
         format!("{{{}}}:persisters", self.prefix)
     }
 
+    /// Who is online in a room, per gateway (a hash), in the slot of the room's channel.
+    pub fn presence(&self, room: &ObjectId) -> String {
+        format!(
+            "{}:presence:{}",
+            self.tag(self.partition_of(room)),
+            room.to_hex()
+        )
+    }
+
+    /// The live gateways, scored by when their presence heartbeat expires.
+    pub fn presence_gateways(&self) -> String {
+        format!("{{{}}}:presence:gateways", self.prefix)
+    }
+
+    /// Gateways whose heartbeat expired and whose entries are still to be taken offline.
+    pub fn presence_dead(&self) -> String {
+        format!("{{{}}}:presence:dead", self.prefix)
+    }
+
+    /// What a gateway instance holds online: `<roomId> <userId>` entries.
+    pub fn presence_held(&self, gateway: &str) -> String {
+        format!("{{{}:presence:{gateway}}}:held", self.prefix)
+    }
+
     /// A rate-limit counter.
     pub fn counter(&self, key: &str) -> String {
         format!("{}:count:{key}", self.prefix)
@@ -208,10 +236,20 @@ mod tests {
                 keys.appended(&room, &ObjectId::new()),
                 keys.renumbered(&room, "1-0"),
                 keys.room_channel(&room),
+                keys.presence(&room),
             ] {
                 assert_eq!(redis_keyslot(key.as_bytes()), slot, "{key}");
             }
         }
+    }
+
+    #[test]
+    fn the_presence_lists_share_a_slot() {
+        let keys = Keys::new("chat", 16);
+        assert_eq!(
+            redis_keyslot(keys.presence_gateways().as_bytes()),
+            redis_keyslot(keys.presence_dead().as_bytes())
+        );
     }
 
     #[test]

@@ -19,15 +19,17 @@
 
 pub mod keys;
 pub mod memory;
+pub mod presence;
 pub mod redis_ingest;
 pub mod redis_pubsub;
 mod redis_util;
 
 pub use keys::Keys;
 pub use memory::{MAX_IDEMPOTENCY_KEYS, MemoryBackplane, MemoryLimits};
+pub use presence::{MemoryPresence, Presence, RedisPresence};
 pub use redis_ingest::RedisIngest;
 pub use redis_pubsub::RedisBackplane;
-pub use redis_util::{connect_client, durability_warnings};
+pub use redis_util::{check_url, connect_client, durability_warnings};
 
 pub(crate) use redis_util::{count_script, uncount_script};
 
@@ -42,9 +44,10 @@ use std::time::Duration;
 /// tells [`BackplaneError::Fenced`] apart (it stops working on that partition).
 #[derive(Debug, thiserror::Error)]
 pub enum BackplaneError {
-    /// Redis failed or did not answer.
+    /// Redis failed or did not answer. The message says it all: not also a `source`, or an
+    /// error chain printed on one line would repeat it.
     #[error("redis: {0}")]
-    Redis(#[from] fred::error::Error),
+    Redis(fred::error::Error),
     /// The partition's backlog is at `INGEST_MAX_BACKLOG`: nothing was appended.
     #[error(
         "ingest partition {partition} holds {entries} entries, the most allowed (INGEST_MAX_BACKLOG)"
@@ -71,6 +74,12 @@ pub enum BackplaneError {
     /// A setting does not fit the deployment (the message says which and why).
     #[error("{0}")]
     Config(String),
+}
+
+impl From<fred::error::Error> for BackplaneError {
+    fn from(e: fred::error::Error) -> Self {
+        BackplaneError::Redis(e)
+    }
 }
 
 /// Receives every room event published on a subscribed room. Called on the backplane's
@@ -331,17 +340,18 @@ pub struct IngestSettings {
         default_value_t = 100_000
     )]
     pub max_backlog: u64,
-    /// Replicas that must confirm an append (Redis `WAIT`) before the sender gets its ack;
-    /// with 1 or more, a master failover loses no acknowledged message.
+    /// Replicas that must confirm an append (Redis `WAIT`) before the sender gets its ack,
+    /// and hold an entry before a persister stores it; with 1 or more, a master failover
+    /// loses no acknowledged message. Set it alike on gateways and persisters.
     #[arg(
         long = "ingest-min-replicas",
         env = "INGEST_MIN_REPLICAS",
         default_value_t = 0
     )]
     pub min_replicas: u32,
-    /// How long an append waits for INGEST_MIN_REPLICAS, in milliseconds; past it the sender
-    /// gets `UNAVAILABLE` (the message may still be delivered: retry with the same
-    /// `clientMsgId`).
+    /// How long an append, or a persister's read, waits for INGEST_MIN_REPLICAS, in
+    /// milliseconds. Past it the sender gets `UNAVAILABLE` (the message may still be
+    /// delivered: retry with the same `clientMsgId`); the persister reads again.
     #[arg(
         long = "ingest-replica-timeout-ms",
         env = "INGEST_REPLICA_TIMEOUT_MS",

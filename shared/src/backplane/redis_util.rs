@@ -30,20 +30,49 @@ pub(super) fn subscriber_builder(settings: &RedisSettings) -> Result<Builder, Ba
     builder_with_capacity(settings, settings.pubsub_capacity)
 }
 
-fn builder_with_capacity(
-    settings: &RedisSettings,
-    events: usize,
-) -> Result<Builder, BackplaneError> {
+/// Checks REDIS_URL without connecting: a process refuses a mistyped URL at once, before it
+/// waits for anything.
+pub fn check_url(settings: &RedisSettings) -> Result<(), BackplaneError> {
+    redis_config(settings).map(drop)
+}
+
+fn redis_config(settings: &RedisSettings) -> Result<Config, BackplaneError> {
     // Without one of its TLS features the client library would connect in plain text to a
     // `rediss://` URL (with a warning): refuse it rather than drop the encryption asked for.
-    let scheme = settings.url().split("://").next().unwrap_or_default();
+    // The URL itself is never in a message: it may hold a password.
+    const FORMS: &str = "redis://[user:password@]host:port[/db] or \
+        redis-cluster://[user:password@]host:port?node=host:port";
+    let Some((scheme, _)) = settings.url().split_once("://") else {
+        return Err(BackplaneError::Config(format!(
+            "REDIS_URL is not a URL; expected {FORMS}"
+        )));
+    };
     if scheme.starts_with("rediss") || scheme.starts_with("valkeys") {
         return Err(BackplaneError::Config(format!(
             "REDIS_URL asks for TLS ({scheme}://), which this build does not support; use redis:// or redis-cluster://"
         )));
     }
-    let mut config = Config::from_url(settings.url())
-        .map_err(|e| BackplaneError::Config(format!("REDIS_URL is invalid: {}", e.details())))?;
+    if !matches!(
+        scheme,
+        "redis" | "redis-cluster" | "valkey" | "valkey-cluster"
+    ) {
+        return Err(BackplaneError::Config(format!(
+            "REDIS_URL has the scheme {scheme}://, not a Redis one; expected {FORMS}"
+        )));
+    }
+    Config::from_url(settings.url()).map_err(|e| {
+        BackplaneError::Config(format!(
+            "REDIS_URL is invalid ({}); expected {FORMS}",
+            e.details()
+        ))
+    })
+}
+
+fn builder_with_capacity(
+    settings: &RedisSettings,
+    events: usize,
+) -> Result<Builder, BackplaneError> {
+    let mut config = redis_config(settings)?;
     // The first connection retries as later ones do, for CONNECT_WAIT at most (`init`).
     config.fail_fast = false;
     let mut builder = Builder::from_config(config);
@@ -112,7 +141,10 @@ pub(super) async fn init<C: ClientLike>(client: &C) -> Result<ConnectHandle, Bac
             let _ = client.quit().await;
             Err(BackplaneError::Redis(fred::error::Error::new(
                 fred::error::ErrorKind::Timeout,
-                format!("no connection to Redis within {} s", CONNECT_WAIT.as_secs()),
+                format!(
+                    "no connection within {} s: is Redis up at the address REDIS_URL gives?",
+                    CONNECT_WAIT.as_secs()
+                ),
             )))
         }
     }
@@ -132,6 +164,8 @@ pub(super) struct Scripts {
     pub uncount: Script,
     pub seed: Script,
     pub renumber: Script,
+    pub presence: Script,
+    pub presence_heartbeat: Script,
 }
 
 pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
@@ -146,6 +180,8 @@ pub(super) static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     uncount: Script::from_lua(include_str!("scripts/uncount.lua")),
     seed: Script::from_lua(include_str!("scripts/seed.lua")),
     renumber: Script::from_lua(include_str!("scripts/renumber.lua")),
+    presence: Script::from_lua(include_str!("scripts/presence.lua")),
+    presence_heartbeat: Script::from_lua(include_str!("scripts/presence_heartbeat.lua")),
 });
 
 /// A connected command client, after checking that Redis holds `keys`' partition count,
@@ -311,6 +347,24 @@ mod tests {
                 panic!("{tls} accepted");
             };
             assert!(why.contains("TLS"), "{why}");
+        }
+        for wrong in [
+            "http://127.0.0.1:6379",
+            "127.0.0.1:6379",
+            "localhost",
+            "redis://user:secret@:6379:x",
+        ] {
+            let Err(BackplaneError::Config(why)) = builder(&settings(wrong)) else {
+                panic!("{wrong} accepted");
+            };
+            assert!(
+                why.starts_with("REDIS_URL ") && why.contains("redis://"),
+                "{why}"
+            );
+            assert!(
+                !why.contains("secret") && !why.contains("Relative"),
+                "{why}"
+            );
         }
     }
 }
