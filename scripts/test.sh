@@ -82,7 +82,8 @@ step "cargo test (unit and integration, real Redis and SecantusDB)"
 # The fault tests run the gateway and persister binaries as processes.
 cargo build --workspace --locked --bins
 # The README's run command builds with `--bin`: it must reuse what a workspace build made.
-if cargo build --locked --bin gateway 2>&1 | grep -q Compiling; then
+rebuilt=$(cargo build --locked --bin gateway 2>&1)
+if grep -q Compiling <<< "$rebuilt"; then
   echo "cargo build --bin gateway compiled again what the workspace build made" >&2
   exit 1
 fi

@@ -33,6 +33,9 @@ const WS_READ_BUFFER: usize = 1024;
 /// How long buffered packets get to reach clients before the transports close at shutdown.
 const FLUSH_TIME: Duration = Duration::from_millis(250);
 
+/// The least time the presence gets at shutdown for its last writes and its leave.
+const PRESENCE_LEAVE_TIME: Duration = Duration::from_secs(2);
+
 /// A gateway, bound to its ports and connected to Redis and MongoDB, not yet serving.
 pub struct Application {
     api: TcpListener,
@@ -504,7 +507,10 @@ impl Application {
         let _ = tokio::time::timeout_at(deadline, self.io.close()).await;
         // Declared gone: the other gateways take this one's users offline.
         presence_stop.cancel();
-        let _ = tokio::time::timeout_at(deadline, presence).await;
+        // A moment even when the drain time is spent: without the last writes and the
+        // leave, this gateway's users stay online until its heartbeat expires.
+        let presence_deadline = deadline.max(tokio::time::Instant::now() + PRESENCE_LEAVE_TIME);
+        let _ = tokio::time::timeout_at(presence_deadline, presence).await;
         if tokio::time::timeout_at(deadline, &mut api).await.is_err() {
             tracing::warn!("drain time over, exiting with connections open");
             api.abort();

@@ -17,6 +17,18 @@ fn sorted(mut ids: Vec<&str>) -> Value {
     json!(ids)
 }
 
+/// How many gateways hold `user` online in `room`, as Redis has it (not for the embedded
+/// mode: one process, nothing in Redis).
+async fn gateways_holding(app: &TestApp, room: &str, user: &str) -> usize {
+    let keys = shared::backplane::Keys::new(&app.prefix, 16);
+    let key = keys.presence(&room.parse().unwrap());
+    let fields = common::servers::redis_cli(app.redis_port(), &["HKEYS", &key]).await;
+    fields
+        .lines()
+        .filter(|f| f.ends_with(&format!(" {user}")))
+        .count()
+}
+
 async fn rest_presence(app: &TestApp, token: &str, room: &str) -> (u16, Value) {
     let (status, body) = app
         .call(
@@ -60,6 +72,16 @@ async fn presence_follows_every_socket_of_a_user_across_gateways() {
 
     // Ann's second socket, on the other gateway: she is online already.
     let mut a2 = app.member(1, &ann, &[&room]).await;
+    // Presence is written just after the join's answer: wait until both gateways hold her,
+    // or her first socket's going could be seen before her second one's coming.
+    if !app.embedded {
+        common::eventually(
+            "both gateways hold Ann",
+            Duration::from_secs(10),
+            || async { gateways_holding(&app, &room, &ann_id).await == 2 },
+        )
+        .await;
+    }
     // Her first socket goes: she stays online (a2).
     a.close();
     let ack = a2.request("get_presence", json!({ "roomId": room })).await;
@@ -166,4 +188,25 @@ async fn a_paused_gateway_sets_its_users_online_again_when_it_resumes() {
     // Ann's socket lived through it (the pause was shorter than the ping timeout).
     let ack = a.request("get_presence", json!({ "roomId": room })).await;
     assert_eq!(ack["online"], sorted(vec![&ann_id, &bob_id]));
+}
+
+/// A gateway stopped with SIGTERM takes its users offline as it goes (its sockets close,
+/// their last writes are made, then it leaves): no waiting for PRESENCE_TTL_SECS (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_gateways_users_go_offline_at_once() {
+    let mut app = TestApp::spawn(1).await;
+    if app.skip_when_embedded("a gateway process beside another") {
+        return;
+    }
+    let stopping = app.gateway_process(&[]).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    let b = app.member(0, &bob, &[&room]).await;
+    assert_eq!(b.next("presence").await, change(&room, &bob_id, true));
+    let _a = app.member(stopping, &ann, &[&room]).await;
+    assert_eq!(b.next("presence").await, change(&room, &ann_id, true));
+    app.gateways[stopping].process.as_ref().unwrap().terminate();
+    // Within the events' own wait (well under PRESENCE_TTL_SECS).
+    assert_eq!(b.next("presence").await, change(&room, &ann_id, false));
 }

@@ -223,9 +223,11 @@ test('scripts/run-local.sh starts the whole topology behind its load balancer, a
       socket.close();
     }
   } finally {
-    const exited = new Promise((r) => child.once('exit', r));
-    child.kill('SIGTERM');
-    await exited;
+    if (child.exitCode === null && child.signalCode === null) {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+    }
   }
   // Everything it started is gone: nothing answers on its ports any more.
   for (const port of [ports.LB_PORT, ports.g1, ports.g2, ports.REDIS_PORT, ports.MONGO_PORT]) {

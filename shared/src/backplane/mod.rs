@@ -26,7 +26,7 @@ mod redis_util;
 
 pub use keys::Keys;
 pub use memory::{MAX_IDEMPOTENCY_KEYS, MemoryBackplane, MemoryLimits};
-pub use presence::{MemoryPresence, Presence, RedisPresence};
+pub use presence::{Beat, MemoryPresence, Presence, RedisPresence};
 pub use redis_ingest::RedisIngest;
 pub use redis_pubsub::RedisBackplane;
 pub use redis_util::{check_url, connect_client, durability_warnings};

@@ -6,11 +6,12 @@
 //! announces `presence` to the room when the user's state across all gateways changes.
 //!
 //! A gateway that dies cannot say that its users left. Each gateway instance keeps a
-//! heartbeat (one write per beat, whatever it holds); whichever live gateway sees an
-//! instance's heartbeat expire takes that instance's entries offline. An instance that was
-//! only paused past its heartbeat and comes back finds itself declared dead and sets what it
-//! holds again under a new name, so a reaper still working on the old name cannot take the
-//! new entries away.
+//! heartbeat (one write per beat, whatever it holds); the live gateways take the entries of
+//! an instance whose heartbeat expired offline. An instance that was only paused past its
+//! heartbeat and comes back finds itself declared dead: it goes on under a new name
+//! (registered in the same call), takes offline under the old name whatever it wrote with it
+//! (a write of its may have landed after a reaper's pass), and sets its users again under the
+//! new one, which no reaper touches.
 
 use super::redis_util::SCRIPTS;
 use super::{Backplane, BackplaneError, Keys};
@@ -26,26 +27,46 @@ use std::time::Duration;
 /// Entries of a dead instance taken offline per round trip.
 const REAP_BATCH: usize = 500;
 
+/// What a heartbeat found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Beat {
+    /// This gateway had been found dead (paused past its heartbeat): it now goes on under a
+    /// new name, and this was the old one. Whatever it wrote under the old name is to be
+    /// taken offline under that name ([`Presence::set_as`]), then written again.
+    pub renamed_from: Option<String>,
+    /// Gateways found dead whose entries are still to be taken offline ([`Presence::reap`]).
+    pub dead: Vec<String>,
+}
+
 /// The presence of users in rooms, shared by every gateway.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
-    /// Records that this gateway holds (`online`) or no longer holds sockets of `user`
-    /// joined to `room`. The room hears `presence` when the user's state across every
-    /// gateway changes. Running it twice changes nothing more.
-    async fn set(&self, room: ObjectId, user: ObjectId, online: bool)
-    -> Result<(), BackplaneError>;
+    /// This gateway's current name.
+    fn instance(&self) -> String;
+
+    /// Records that gateway `instance` holds (`online`) or no longer holds sockets of
+    /// `user` joined to `room`. The room hears `presence` when the user's state across
+    /// every gateway changes. Running it twice changes nothing more.
+    async fn set_as(
+        &self,
+        instance: &str,
+        room: ObjectId,
+        user: ObjectId,
+        online: bool,
+    ) -> Result<(), BackplaneError>;
 
     /// The users online in `room`.
     async fn online(&self, room: ObjectId) -> Result<Vec<ObjectId>, BackplaneError>;
 
-    /// Keeps this gateway's entries alive for `ttl`, and takes the entries of gateways
-    /// whose heartbeat expired offline. `false` when this gateway had been found dead itself
-    /// (paused past its heartbeat): its entries were taken away, and it now has a new name
-    /// under which it must set them again.
-    async fn heartbeat(&self, ttl: Duration) -> Result<bool, BackplaneError>;
+    /// Keeps this gateway's entries alive for `ttl`; see [`Beat`].
+    async fn heartbeat(&self, ttl: Duration) -> Result<Beat, BackplaneError>;
 
-    /// At shutdown: declares this gateway dead, so that the others take its entries
-    /// offline at their next heartbeat.
+    /// Takes every entry of a dead gateway offline, then forgets it. Safe to run on several
+    /// gateways at once, and again after a failure half way.
+    async fn reap(&self, dead: &str) -> Result<(), BackplaneError>;
+
+    /// At shutdown, after the last write: declares this gateway dead, so that the others
+    /// take its entries offline at their next heartbeat.
     async fn leave(&self) -> Result<(), BackplaneError>;
 }
 
@@ -74,15 +95,8 @@ impl RedisPresence {
             keys,
             client,
             instance: Mutex::new(ObjectId::new().to_hex()),
-            beaten: Default::default(),
+            beaten: AtomicBool::new(false),
         }
-    }
-
-    fn instance(&self) -> String {
-        self.instance
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 
     /// Runs the presence script for one entry of `instance`.
@@ -109,54 +123,33 @@ impl RedisPresence {
             .await?;
         Ok(())
     }
-
-    /// Takes every entry of a dead instance offline, then forgets the instance. Safe to run
-    /// on several gateways at once, and again after a failure half way.
-    async fn reap(&self, dead: &str) -> Result<(), BackplaneError> {
-        let held = self.keys.presence_held(dead);
-        loop {
-            let entries: Vec<String> = self.client.srandmember(&held, Some(REAP_BATCH)).await?;
-            if entries.is_empty() {
-                break;
-            }
-            for entry in &entries {
-                let parsed = entry.split_once(' ').and_then(|(room, user)| {
-                    Some((
-                        ObjectId::parse_str(room).ok()?,
-                        ObjectId::parse_str(user).ok()?,
-                    ))
-                });
-                if let Some((room, user)) = parsed {
-                    self.change(dead, room, user, false).await?;
-                }
-            }
-            let _: i64 = self.client.srem(&held, entries.clone()).await?;
-            metrics::counter!("chat_gateway_presence_reaped_total").increment(entries.len() as u64);
-        }
-        let _: i64 = self.client.srem(self.keys.presence_dead(), dead).await?;
-        tracing::info!(gateway = dead, "a dead gateway's users are offline");
-        Ok(())
-    }
 }
 
 #[async_trait]
 impl Presence for RedisPresence {
-    async fn set(
+    fn instance(&self) -> String {
+        self.instance
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn set_as(
         &self,
+        instance: &str,
         room: ObjectId,
         user: ObjectId,
         online: bool,
     ) -> Result<(), BackplaneError> {
-        let instance = self.instance();
-        let held = self.keys.presence_held(&instance);
+        let held = self.keys.presence_held(instance);
         let entry = format!("{} {}", room.to_hex(), user.to_hex());
         // Listed before it is set, and unlisted after it is unset: whoever reaps this
         // instance finds every entry it may hold.
         if online {
             let _: i64 = self.client.sadd(&held, entry).await?;
-            self.change(&instance, room, user, true).await
+            self.change(instance, room, user, true).await
         } else {
-            self.change(&instance, room, user, false).await?;
+            self.change(instance, room, user, false).await?;
             let _: i64 = self.client.srem(&held, entry).await?;
             Ok(())
         }
@@ -170,9 +163,10 @@ impl Presence for RedisPresence {
             .collect())
     }
 
-    async fn heartbeat(&self, ttl: Duration) -> Result<bool, BackplaneError> {
+    async fn heartbeat(&self, ttl: Duration) -> Result<Beat, BackplaneError> {
         let instance = self.instance();
         let first = !self.beaten.load(Ordering::Relaxed);
+        let replacement = ObjectId::new().to_hex();
         let reply: Vec<Value> = SCRIPTS
             .presence_heartbeat
             .evalsha_with_reload(
@@ -182,40 +176,64 @@ impl Presence for RedisPresence {
                     instance.clone(),
                     ttl.as_millis().to_string(),
                     if first { "1" } else { "0" }.to_owned(),
+                    replacement.clone(),
                 ],
             )
             .await?;
         self.beaten.store(true, Ordering::Relaxed);
         let mut reply = reply.into_iter();
         let listed = reply.next().and_then(|v| v.as_i64()) == Some(1);
-        if !listed {
-            let renamed = ObjectId::new().to_hex();
+        let renamed_from = (!listed).then(|| {
             tracing::warn!(
                 gateway = %instance,
-                now = %renamed,
+                now = %replacement,
                 "this gateway's presence heartbeat had expired (was it paused?): its users were taken offline; setting them again"
             );
-            *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = renamed;
-            self.beaten.store(false, Ordering::Relaxed);
-        }
-        // A reap that fails is tried again at the next heartbeat: the instance stays dead.
-        for dead in reply.filter_map(|v| v.into_string()) {
-            if let Err(error) = self.reap(&dead).await {
-                tracing::warn!(gateway = %dead, %error, "taking a dead gateway's users offline failed; trying again at the next heartbeat");
+            *self.instance.lock().unwrap_or_else(|e| e.into_inner()) = replacement;
+            instance
+        });
+        Ok(Beat {
+            renamed_from,
+            dead: reply.filter_map(|v| v.into_string()).collect(),
+        })
+    }
+
+    async fn reap(&self, dead: &str) -> Result<(), BackplaneError> {
+        let held = self.keys.presence_held(dead);
+        loop {
+            let entries: Vec<String> = self.client.srandmember(&held, Some(REAP_BATCH)).await?;
+            if entries.is_empty() {
+                break;
             }
+            // A batch at once: the client pipelines them on its connections.
+            let changes = entries.iter().filter_map(|entry| {
+                let (room, user) = entry.split_once(' ')?;
+                let (room, user) = (
+                    ObjectId::parse_str(room).ok()?,
+                    ObjectId::parse_str(user).ok()?,
+                );
+                Some(self.change(dead, room, user, false))
+            });
+            futures::future::try_join_all(changes).await?;
+            let _: i64 = self.client.srem(&held, entries.clone()).await?;
+            metrics::counter!("chat_gateway_presence_reaped_total").increment(entries.len() as u64);
         }
-        Ok(listed)
+        let _: i64 = self.client.srem(self.keys.presence_dead(), dead).await?;
+        tracing::info!(gateway = dead, "a dead gateway's users are offline");
+        Ok(())
     }
 
     async fn leave(&self) -> Result<(), BackplaneError> {
         let instance = self.instance();
-        let _: i64 = self
-            .client
-            .zrem(self.keys.presence_gateways(), &instance)
-            .await?;
+        // Dead first: between the two commands the instance is in both sets (harmless),
+        // never in neither (it would never be reaped).
         let _: i64 = self
             .client
             .sadd(self.keys.presence_dead(), &instance)
+            .await?;
+        let _: i64 = self
+            .client
+            .zrem(self.keys.presence_gateways(), &instance)
             .await?;
         Ok(())
     }
@@ -239,8 +257,13 @@ impl MemoryPresence {
 
 #[async_trait]
 impl Presence for MemoryPresence {
-    async fn set(
+    fn instance(&self) -> String {
+        "embedded".to_owned()
+    }
+
+    async fn set_as(
         &self,
+        _instance: &str,
         room: ObjectId,
         user: ObjectId,
         online: bool,
@@ -280,8 +303,12 @@ impl Presence for MemoryPresence {
             .unwrap_or_default())
     }
 
-    async fn heartbeat(&self, _ttl: Duration) -> Result<bool, BackplaneError> {
-        Ok(true)
+    async fn heartbeat(&self, _ttl: Duration) -> Result<Beat, BackplaneError> {
+        Ok(Beat::default())
+    }
+
+    async fn reap(&self, _dead: &str) -> Result<(), BackplaneError> {
+        Ok(())
     }
 
     async fn leave(&self) -> Result<(), BackplaneError> {

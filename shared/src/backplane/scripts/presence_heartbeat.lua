@@ -1,9 +1,12 @@
 -- A gateway's presence heartbeat: marks the instance live until now + ttl, moves every
 -- instance whose heartbeat expired to the dead set (its entries are then taken offline by
--- whichever gateway reaps first), and answers {listed, dead...}: listed is 0 when this
--- instance was no longer live (it was itself found dead, its entries taken away).
+-- the live gateways), and answers {listed, dead...}. listed is 0 when this instance had
+-- been found dead meanwhile (paused past its heartbeat): its name is spent, and the
+-- replacement name ARGV[4] is registered live in its place, in this same call, so that
+-- nothing is ever written under a name no one would reap.
 -- KEYS[1] the live sorted set; KEYS[2] the dead set.
--- ARGV[1] the instance; ARGV[2] ttl in milliseconds; ARGV[3] '1' on the first heartbeat.
+-- ARGV[1] the instance; ARGV[2] ttl in milliseconds; ARGV[3] '1' on the first heartbeat;
+-- ARGV[4] the name to go on under when this one is spent.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -14,12 +17,12 @@ for _, instance in ipairs(expired) do
   end
 end
 local listed = 1
+local name = ARGV[1]
 if ARGV[3] ~= '1' and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  -- Found dead meanwhile: the instance name is spent; the gateway comes back under a new one.
   listed = 0
-else
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  name = ARGV[4]
 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), name)
 local reply = redis.call('SMEMBERS', KEYS[2])
 table.insert(reply, 1, listed)
 return reply
