@@ -16,8 +16,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Presence writes in flight at once, at most.
-const WRITES_IN_FLIGHT: usize = 64;
+/// Presence writes in flight at once, at most: enough that the Redis client pipelines them
+/// (a connect storm joins thousands of users a second), bounded so that a round of a
+/// hundred thousand entries does not start them all at once.
+const WRITES_IN_FLIGHT: usize = 1024;
 /// Pause before a failed write is tried again.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -163,23 +165,27 @@ impl PresenceTracker {
         }
     }
 
-    /// Runs writes `WRITES_IN_FLIGHT` at a time; answers each with whether it succeeded.
+    /// Runs writes, `WRITES_IN_FLIGHT` at most at a time; answers each with whether it
+    /// succeeded.
     async fn write_all(&self, instance: &str, writes: &[(Key, bool)]) -> Vec<(Key, bool, bool)> {
         let mut results = Vec::with_capacity(writes.len());
-        for chunk in writes.chunks(WRITES_IN_FLIGHT) {
-            let mut tasks = tokio::task::JoinSet::new();
-            for &((room, user), online) in chunk {
-                let (presence, instance) = (self.presence.clone(), instance.to_owned());
-                tasks.spawn(async move {
-                    let result = presence.set_as(&instance, room, user, online).await;
-                    if let Err(error) = &result {
-                        tracing::debug!(%room, %user, online, %error, "presence write failed");
-                    }
-                    ((room, user), online, result.is_ok())
-                });
+        let mut tasks = tokio::task::JoinSet::new();
+        for &((room, user), online) in writes {
+            if tasks.len() >= WRITES_IN_FLIGHT
+                && let Some(Ok(result)) = tasks.join_next().await
+            {
+                results.push(result);
             }
-            results.extend(tasks.join_all().await);
+            let (presence, instance) = (self.presence.clone(), instance.to_owned());
+            tasks.spawn(async move {
+                let result = presence.set_as(&instance, room, user, online).await;
+                if let Err(error) = &result {
+                    tracing::debug!(%room, %user, online, %error, "presence write failed");
+                }
+                ((room, user), online, result.is_ok())
+            });
         }
+        results.extend(tasks.join_all().await);
         let failed = results.iter().filter(|(_, _, ok)| !ok).count() as u64;
         metrics::counter!("chat_gateway_presence_writes_total", "result" => "ok")
             .increment(results.len() as u64 - failed);

@@ -50,6 +50,10 @@ enum Scenario {
         clients: usize,
         #[arg(long, default_value_t = 10)]
         rooms: usize,
+        /// Seconds to keep the connections after the last join before the servers' CPU and
+        /// counters are read: the work a join starts after its answer (presence) counts too.
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
     },
     /// Fan-out: R rooms of S members; one member of each room sends.
     Fanout(FanoutArgs),
@@ -146,7 +150,11 @@ async fn main() -> anyhow::Result<()> {
     let procs_before = report::procs(&cli.observe.pids);
     let started = Instant::now();
     let mut result = match &cli.scenario {
-        Scenario::Connect { clients, rooms } => connect(&cli.target, *clients, *rooms).await?,
+        Scenario::Connect {
+            clients,
+            rooms,
+            hold,
+        } => connect(&cli.target, *clients, *rooms, *hold).await?,
         Scenario::Fanout(args) => fanout(&cli.target, &cli.observe.pids, args).await?,
         Scenario::Idle {
             clients,
@@ -306,7 +314,12 @@ fn progress(
     })
 }
 
-async fn connect(target: &Target, clients: usize, rooms: usize) -> anyhow::Result<Value> {
+async fn connect(
+    target: &Target,
+    clients: usize,
+    rooms: usize,
+    hold: u64,
+) -> anyhow::Result<Value> {
     let per_room = clients.div_ceil(rooms.max(1));
     let groups = setup::rooms(target, rooms.max(1), per_room).await?;
     let users: Vec<(usize, setup::User, shared::ObjectId)> = groups
@@ -345,6 +358,8 @@ async fn connect(target: &Target, clients: usize, rooms: usize) -> anyhow::Resul
         "connect: {ok} joined, {bad} failed in {elapsed:.2} s ({:.0} connects/s)",
         ok as f64 / elapsed
     );
+    tokio::time::sleep(Duration::from_secs(hold)).await;
+    drop(held);
     Ok(json!({
         "scenario": "connect", "clients": clients, "rooms": rooms, "joined": ok, "failed": bad,
         "seconds_to_all_joined": elapsed, "connects_per_second": ok as f64 / elapsed,
