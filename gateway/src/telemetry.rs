@@ -17,6 +17,10 @@ pub fn describe() {
         "chat_gateway_auth_failures_total",
         "Refused connections, by reason (missing, invalid, expired token; too many connections)."
     );
+    describe_histogram!(
+        "chat_gateway_user_lookup_batch_size",
+        "User records looked up in one store query (connects and re-checks are batched)."
+    );
     describe_counter!(
         "chat_gateway_user_lookup_queue_full_total",
         "User lookups (connects, deletion checks) not made because the lookup queue was full: \
