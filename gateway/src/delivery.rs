@@ -9,7 +9,7 @@
 use crate::socket::session::Session;
 use serde::Serialize;
 use shared::ObjectId;
-use shared::wire::{ChatMessage, PresenceChange, UserTyping};
+use shared::wire::{ChatMessage, PresenceChange, RoomAdded, UserTyping};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,6 +154,21 @@ pub fn emit_typing(io: &SocketIo, sockets: &RoomSockets, typing: &UserTyping) {
     let room = sockets.get(io);
     let others = room.iter().filter(|s| !typist.contains(&s.id));
     emit_serialised(others, "user_typing", typing);
+}
+
+/// Emits `room_added {room}` to every local socket of the users given the room.
+pub fn emit_room_added(io: &SocketIo, added: &RoomAdded) {
+    let Some(ns) = io.of(NAMESPACE) else { return };
+    let sockets: Vec<SocketRef> = added
+        .user_ids
+        .iter()
+        .flat_map(|user| ns.clone().to(user_key(user)).sockets())
+        .collect();
+    emit_serialised(
+        sockets.iter(),
+        "room_added",
+        &serde_json::json!({ "room": added.room }),
+    );
 }
 
 /// Emits `presence` to every local socket of the room.

@@ -288,6 +288,7 @@ impl Fanout {
         let feed = |room: &ObjectId| self.rooms.get().and_then(|rooms| rooms.feed(room));
         match event {
             RoomEvent::MemberRemoved(removed) => self.remove_member(io, &removed),
+            RoomEvent::RoomAdded(added) => delivery::emit_room_added(io, &added),
             RoomEvent::Typing(typing) => {
                 if let Some(feed) = feed(&typing.room_id) {
                     emit_typing(io, &feed.sockets, &typing);

@@ -1363,3 +1363,36 @@ async fn sessions_per_forwarded_address_are_bounded_behind_a_proxy() {
     assert!(error.contains("429"), "{error}");
     let _e = from("10.0.0.2").await.unwrap();
 }
+
+/// `room_added` reaches every socket of the users given a room, on any gateway: the
+/// participants of a new room, and a participant the owner adds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_added_reaches_the_users_given_a_room_on_every_gateway() {
+    let app = TestApp::spawn(2).await;
+    let (ann, ann_id) = app.user("ann").await;
+    let (bob, bob_id) = app.user("bob").await;
+    let (cat, cat_id) = app.user("cat").await;
+    let a = SioClient::with_token(app.port(0), &ann).await;
+    let b = SioClient::with_token(app.port(1), &bob).await;
+    let c = SioClient::with_token(app.port(1), &cat).await;
+    let room = app.room(&ann, &[&bob_id]).await;
+    for client in [&a, &b] {
+        let added = client.next("room_added").await;
+        assert_eq!(added["room"]["_id"], json!(room), "{added}");
+        assert_eq!(added["room"]["ownerId"], json!(ann_id), "{added}");
+    }
+    let (status, body) = app
+        .call(
+            "POST",
+            &format!("/chat/rooms/{room}/participants"),
+            Some(&ann),
+            Some(json!({ "userId": cat_id })),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{body}");
+    let added = c.next("room_added").await;
+    assert_eq!(added["room"]["_id"], json!(room));
+    assert_eq!(added["room"]["participants"].as_array().unwrap().len(), 3);
+    // Nobody else heard of the addition.
+    assert!(a.pending("room_added").is_empty() && b.pending("room_added").is_empty());
+}

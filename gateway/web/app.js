@@ -17,6 +17,10 @@ const state = {
   names: new Map(),
   socket: null,
   typingSentAt: 0,
+  // Who is online in the open room (user ids).
+  online: new Set(),
+  // Whether the room list's error on the page came from loading the list.
+  roomsFailed: false,
   typingTimer: null,
   roomsTimer: null,
 };
@@ -172,9 +176,15 @@ function start(user) {
       $('status').classList.toggle('online', online);
     },
     connect: () => {
+      // Errors of the connection that was lost are over.
+      showError('chat-error', null);
       // After a reconnect the server knows nothing of our rooms: join the open one again,
       // replaying what was missed meanwhile.
-      if (state.room) catchUp(state.room).catch((error) => showError('chat-error', error));
+      if (state.room) {
+        catchUp(state.room)
+          .then(() => loadPresence(state.room))
+          .catch((error) => showError('chat-error', error));
+      }
     },
     refused: (message) => {
       showError('chat-error', new Error(`connection refused: ${message}`));
@@ -185,8 +195,9 @@ function start(user) {
     event: onEvent,
   });
   loadRooms();
-  // Rooms others put us in show up without a reload.
-  state.roomsTimer = setInterval(loadRooms, 5000);
+  // Rooms others put us in arrive as `room_added`; the list is read again now and then in
+  // case a notice was missed (a reconnect at that moment).
+  state.roomsTimer = setInterval(loadRooms, 30_000);
 }
 
 // ---- Rooms -----------------------------------------------------------------------------
@@ -212,6 +223,11 @@ async function fetchRooms() {
 async function loadRooms() {
   try {
     const rooms = await fetchRooms();
+    // A failure of an earlier load ("Failed to fetch" while the server restarted) is over.
+    if (state.roomsFailed) {
+      state.roomsFailed = false;
+      showError('room-error', null);
+    }
     const list = $('rooms');
     list.replaceChildren(
       ...rooms.map((room) => {
@@ -227,6 +243,7 @@ async function loadRooms() {
       }),
     );
   } catch (error) {
+    state.roomsFailed = true;
     showError('room-error', error);
   }
 }
@@ -258,6 +275,8 @@ async function openRoom(room) {
     state.socket.emit('leave_room', { roomId: state.room._id }).catch(() => {});
   }
   state.room = room;
+  state.online = new Set();
+  $('online').textContent = '';
   state.rendered.clear();
   state.caughtUp = 0;
   state.ahead.clear();
@@ -265,6 +284,9 @@ async function openRoom(room) {
   $('typing').textContent = '';
   $('room-title').textContent = room.name || `Room ${room._id.slice(-6)}`;
   $('composer').hidden = false;
+  $('room-actions').hidden = false;
+  $('add-form').hidden = room.ownerId !== state.user._id;
+  $('room-status').textContent = '';
   for (const li of $('rooms').children) li.classList.toggle('active', li.dataset.roomId === room._id);
   try {
     // Join first so nothing sent while the history loads is missed; duplicates are skipped.
@@ -275,6 +297,7 @@ async function openRoom(room) {
     const oldest = history.length ? history[history.length - 1].seq : undefined;
     if (typeof oldest === 'number' && state.caughtUp === 0) state.caughtUp = oldest - 1;
     history.reverse().forEach(render);
+    await loadPresence(room);
   } catch (error) {
     showError('chat-error', error);
   }
@@ -345,6 +368,21 @@ async function nameOf(userId) {
   return state.names.get(userId);
 }
 
+/** Who is online in `room`, from the server; `presence` events keep it up to date. */
+async function loadPresence(room) {
+  const ack = await state.socket.emit('get_presence', { roomId: room._id });
+  if (!ack.ok || !state.room || state.room._id !== room._id) return;
+  state.online = new Set(ack.online);
+  await showOnline();
+}
+
+async function showOnline() {
+  const room = state.room;
+  const names = await Promise.all([...state.online].map(nameOf));
+  if (state.room !== room) return;
+  $('online').textContent = names.length ? `Online: ${names.sort().join(', ')}` : '';
+}
+
 async function onEvent(name, data) {
   if (name === 'message') {
     render(data);
@@ -354,6 +392,13 @@ async function onEvent(name, data) {
     $('typing').textContent = `${await nameOf(data.userId)} is typing…`;
     clearTimeout(state.typingTimer);
     state.typingTimer = setTimeout(() => { $('typing').textContent = ''; }, 3000);
+  } else if (name === 'room_added') {
+    loadRooms();
+  } else if (name === 'presence') {
+    if (!state.room || data.roomId !== state.room._id) return;
+    if (data.online) state.online.add(data.userId);
+    else state.online.delete(data.userId);
+    await showOnline();
   } else if (name === 'resync') {
     // The server could not fill a gap in our live messages and took us out of the room:
     // join again from the last message we hold without a gap.
@@ -376,11 +421,72 @@ $('message-input').addEventListener('input', () => {
 const newId = () =>
   (crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random().toString(16).slice(2)}`);
 
+$('add-form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const room = state.room;
+  if (!room) return;
+  $('room-status').textContent = '';
+  showError('chat-error', null);
+  try {
+    const email = $('add-email').value.trim();
+    const user = await api('GET', `/users?email=${encodeURIComponent(email)}`);
+    state.room = await api('POST', `/chat/rooms/${room._id}/participants`, { userId: user._id });
+    state.names.set(user._id, user.displayName);
+    $('add-email').value = '';
+    $('room-status').textContent = `${user.displayName} was added.`;
+  } catch (error) {
+    showError('chat-error', error);
+  }
+});
+
+$('leave').addEventListener('click', async () => {
+  const room = state.room;
+  if (!room) return;
+  showError('chat-error', null);
+  try {
+    await api('DELETE', `/chat/rooms/${room._id}/participants/${state.user._id}`);
+    state.room = null;
+    state.online = new Set();
+    $('room-title').textContent = 'Pick a room';
+    $('online').textContent = '';
+    $('messages').replaceChildren();
+    $('typing').textContent = '';
+    $('composer').hidden = true;
+    $('room-actions').hidden = true;
+    await loadRooms();
+  } catch (error) {
+    showError('chat-error', error);
+  }
+});
+
+// Enter sends; Shift+Enter starts a new line (and so does Enter while an input method
+// composes a word).
+$('message-input').addEventListener('keydown', (event) => {
+  if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $('composer').requestSubmit();
+  }
+});
+
+// The server's limit, counted as it counts: Unicode code points, not UTF-16 units.
+const MAX_MESSAGE = 10_000;
+
 $('composer').addEventListener('submit', async (event) => {
   event.preventDefault();
   const input = $('message-input');
   const content = input.value;
-  if (!content.trim() || !state.room) return;
+  if (!state.room) return;
+  if (!content.trim()) {
+    showError('chat-error', new Error('Write something first: the message is empty.'));
+    return;
+  }
+  const length = [...content].length;
+  if (length > MAX_MESSAGE) {
+    showError('chat-error', new Error(
+      `The message is ${length.toLocaleString('en')} characters long; at most ${MAX_MESSAGE.toLocaleString('en')} fit.`,
+    ));
+    return;
+  }
   showError('chat-error', null);
   try {
     // The same clientMsgId on a retry never makes a second message.

@@ -899,7 +899,7 @@ const _: fn() = || {
     store::<MongoStore>();
 };
 
-mod oid_hex_vec {
+pub(crate) mod oid_hex_vec {
     use mongodb::bson::oid::ObjectId;
     use serde::{Deserialize, Deserializer, Serializer, de::Error, ser::SerializeSeq};
 

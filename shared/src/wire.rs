@@ -59,6 +59,17 @@ pub struct PresenceChange {
     pub online: bool,
 }
 
+/// Users were given a room (they created it, or its owner added them): every gateway emits
+/// `room_added {room}` to their sockets. Sent on the control channel, which every gateway
+/// hears: those sockets are in no room of it yet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomAdded {
+    #[serde(with = "crate::store::oid_hex_vec")]
+    pub user_ids: Vec<ObjectId>,
+    pub room: crate::store::Room,
+}
+
 /// What travels on a room's pub/sub channel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -76,6 +87,8 @@ pub enum RoomEvent {
     /// A user came online or went offline in the room: emitted as `presence` to every
     /// local member.
     Presence(PresenceChange),
+    /// Users were given a room (on the control channel).
+    RoomAdded(RoomAdded),
 }
 
 /// Payload of [`RoomEvent::Messages`].
@@ -111,6 +124,7 @@ impl RoomEvent {
             RoomEvent::Typing(t) => t.room_id,
             RoomEvent::MemberRemoved(r) => r.room_id,
             RoomEvent::Presence(p) => p.room_id,
+            RoomEvent::RoomAdded(a) => a.room.id,
         }
     }
 }

@@ -1,6 +1,8 @@
 // The chat page in a real browser (Debian's Chromium, driven by playwright-core): two people
 // register, one creates a room with the other by e-mail, they see each other typing and
-// exchange messages. Screenshots go to target/artifacts/.
+// exchange messages; the page at a phone's width and a desktop's with a long word; line
+// breaks, the length counted as the server counts, empty and over-long sends; who is online.
+// Screenshots go to target/artifacts/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
@@ -29,8 +31,8 @@ after(async () => {
   await server?.stop();
 });
 
-async function person(name, email) {
-  const context = await browser.newContext();
+async function person(name, email, viewport = { width: 1280, height: 800 }) {
+  const context = await browser.newContext({ viewport });
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT);
   const problems = [];
@@ -94,21 +96,11 @@ test('two people chat in the browser page', async () => {
   mkdirSync(artifacts, { recursive: true });
   await ann.page.screenshot({ path: path.join(artifacts, 'chat-page-ann.png'), fullPage: true });
   await bob.page.screenshot({ path: path.join(artifacts, 'chat-page-bob.png'), fullPage: true });
-  assert.deepEqual([...ann.problems, ...bob.problems], []);
-  await ann.context.close();
-  await bob.context.close();
+  await done(ann, bob);
 });
 
 test('after a server restart the page reconnects and shows what it missed, once, in order', async () => {
-  const run = Date.now();
-  const ann = await person('Ann', `ann-r-${run}@example.com`);
-  const bob = await person('Bob', `bob-r-${run}@example.com`);
-  await ann.page.fill('#room-name', 'Restart');
-  await ann.page.fill('#room-emails', `bob-r-${run}@example.com`);
-  await ann.page.click('#create-room');
-  await ann.page.waitForSelector('#room-title:text("Restart")');
-  await bob.page.click('#rooms li button:text("Restart")', { timeout: TIMEOUT });
-  await bob.page.waitForSelector('#room-title:text("Restart")');
+  const { ann, bob } = await pair('Restart');
   const say = async (text) => {
     await ann.page.fill('#message-input', text);
     await ann.page.click('#send');
@@ -133,12 +125,15 @@ test('after a server restart the page reconnects and shows what it missed, once,
   await bob.page.waitForSelector('#messages li .content:text("missed 3")');
   await say('live again');
   await bob.page.waitForSelector('#messages li .content:text("live again")');
+  // No error of the outage stays on the page (the room list's next load clears its own).
+  await bob.page.waitForFunction(
+    () => document.getElementById('room-error').textContent === ''
+      && document.getElementById('chat-error').textContent === '',
+  );
   const lines = (p) => p.$$eval('#messages li .content', (items) => items.map((i) => i.textContent));
   assert.deepEqual(await lines(bob.page), ['before', 'missed 1', 'missed 2', 'missed 3', 'live again']);
   assert.deepEqual(await lines(ann.page), await lines(bob.page));
-  assert.deepEqual([...ann.problems, ...bob.problems], []);
-  await ann.context.close();
-  await bob.context.close();
+  await done(ann, bob);
 });
 
 test('a wrong password shows the server\'s error', async () => {
@@ -151,4 +146,122 @@ test('a wrong password shows the server\'s error', async () => {
   await page.click('#login');
   await page.waitForSelector('#auth-error:text("invalid email or password")');
   await context.close();
+});
+
+/** No page error on anyone's page; their browsers closed. */
+async function done(...people) {
+  assert.deepEqual(people.flatMap((p) => p.problems), []);
+  for (const p of people) await p.context.close();
+}
+
+/** Ann and Bob (Bob at `viewport`) in a new room called `name`, both with it open. */
+async function pair(name, viewport) {
+  const run = `${Date.now()}-${Math.random().toString(16).slice(2, 8)}`;
+  const ann = await person('Ann', `ann-${name}-${run}@example.com`);
+  const bob = await person('Bob', `bob-${name}-${run}@example.com`, viewport);
+  await ann.page.fill('#room-name', name);
+  await ann.page.fill('#room-emails', `bob-${name}-${run}@example.com`);
+  await ann.page.click('#create-room');
+  await ann.page.waitForSelector(`#room-title:text("${name}")`);
+  await bob.page.click(`#rooms li button:text("${name}")`, { timeout: TIMEOUT });
+  await bob.page.waitForSelector(`#room-title:text("${name}")`);
+  return { ann, bob };
+}
+
+/** Nothing wider than the window, and the Send button fully on screen. */
+async function fits(page) {
+  return page.evaluate(() => {
+    const send = document.getElementById('send').getBoundingClientRect();
+    return {
+      scrollWidth: document.documentElement.scrollWidth,
+      width: window.innerWidth,
+      sendRight: Math.ceil(send.right),
+    };
+  });
+}
+
+test('a long word wraps and Send stays on screen, on a phone and on a desktop', async () => {
+  const { ann, bob } = await pair('Widths', { width: 390, height: 844 });
+  const word = `https://example.com/${'a'.repeat(170)}`;
+  assert.equal(word.length, 190);
+  await ann.page.fill('#message-input', word);
+  await ann.page.click('#send');
+  for (const p of [ann.page, bob.page]) {
+    await p.waitForSelector(`#messages li .content:text("${word}")`);
+    const { scrollWidth, width, sendRight } = await fits(p);
+    assert.ok(scrollWidth <= width, `the page is ${scrollWidth} px wide in a ${width} px window`);
+    assert.ok(sendRight <= width, `Send ends at ${sendRight} px in a ${width} px window`);
+  }
+  mkdirSync(artifacts, { recursive: true });
+  await bob.page.screenshot({ path: path.join(artifacts, 'chat-page-phone-390.png'), fullPage: true });
+  await ann.page.screenshot({ path: path.join(artifacts, 'chat-page-desktop-1280.png'), fullPage: true });
+  await done(ann, bob);
+});
+
+test('line breaks are kept, the length is counted as the server counts, and empty or over-long sends say why', async () => {
+  const { ann, bob } = await pair('Lines');
+  const input = '#message-input';
+  // Shift+Enter starts a new line; Enter sends.
+  await ann.page.type(input, 'line one');
+  await ann.page.press(input, 'Shift+Enter');
+  await ann.page.type(input, 'line two');
+  await ann.page.press(input, 'Enter');
+  await bob.page.waitForSelector('#messages li .content:text("line two")');
+  const shown = await bob.page.$eval('#messages li .content', (c) => c.textContent);
+  assert.equal(shown, 'line one\nline two');
+  // An empty send says so, and sends nothing.
+  await ann.page.click('#send');
+  await ann.page.waitForSelector('#chat-error:text("the message is empty")');
+  // 10,001 characters: refused on the page, with the count, and the text kept.
+  await ann.page.fill(input, 'x'.repeat(10_001));
+  await ann.page.click('#send');
+  await ann.page.waitForSelector('#chat-error:text("10,001 characters")');
+  assert.equal((await ann.page.inputValue(input)).length, 10_001);
+  // 6,000 emoji are 12,000 UTF-16 units but 6,000 characters as the server counts: sent.
+  const smiles = '\u{1F600}'.repeat(6_000);
+  await ann.page.fill(input, smiles);
+  await ann.page.click('#send');
+  await bob.page.waitForFunction(
+    () => [...document.querySelectorAll('#messages li .content')]
+      .some((c) => [...c.textContent].length === 6000),
+  );
+  assert.equal(await ann.page.inputValue(input), '');
+  assert.equal(await ann.page.textContent('#chat-error'), '');
+  assert.equal(await bob.page.locator('#messages li').count(), 2);
+  await done(ann, bob);
+});
+
+test('who is online shows in the open room, and changes as people come and go', async () => {
+  const { ann, bob } = await pair('Presence');
+  await ann.page.waitForSelector('#online:text("Online: Ann, Bob")');
+  await bob.page.waitForSelector('#online:text("Online: Ann, Bob")');
+  mkdirSync(artifacts, { recursive: true });
+  await ann.page.screenshot({ path: path.join(artifacts, 'chat-page-presence.png'), fullPage: true });
+  await bob.context.close();
+  await ann.page.waitForSelector('#online:text-is("Online: Ann")');
+  await done(ann, bob);
+});
+
+test('the owner adds someone, whose list shows the room at once (room_added); they leave it', async () => {
+  const run = `${Date.now()}-${Math.random().toString(16).slice(2, 8)}`;
+  const ann = await person('Ann', `ann-add-${run}@example.com`);
+  const bob = await person('Bob', `bob-add-${run}@example.com`);
+  await ann.page.fill('#room-name', 'Team');
+  await ann.page.click('#create-room');
+  await ann.page.waitForSelector('#room-title:text("Team")');
+  // Only the owner sees the form.
+  await ann.page.fill('#add-email', `bob-add-${run}@example.com`);
+  await ann.page.click('#add');
+  await ann.page.waitForSelector('#room-status:text("Bob was added.")');
+  // Pushed, not polled: the list is read again every 30 s only, past this wait.
+  await bob.page.click('#rooms li button:text("Team")', { timeout: 10_000 });
+  await bob.page.waitForSelector('#room-title:text("Team")');
+  assert.equal(await bob.page.isVisible('#add-form'), false);
+  await ann.page.waitForSelector('#online:text("Online: Ann, Bob")');
+  // Bob leaves: the room goes from his list, and Ann sees him go.
+  await bob.page.click('#leave');
+  await bob.page.waitForSelector('#room-title:text("Pick a room")');
+  await bob.page.waitForSelector('#rooms li button:text("Team")', { state: 'detached' });
+  await ann.page.waitForSelector('#online:text-is("Online: Ann")');
+  await done(ann, bob);
 });

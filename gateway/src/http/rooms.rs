@@ -13,7 +13,7 @@ use serde_json::Value;
 use shared::ObjectId;
 use shared::domain::{ClientMsgId, MessageContent, parse_name, parse_object_id};
 use shared::store::Room;
-use shared::wire::{ChatMessage, MemberRemoved, RoomEvent};
+use shared::wire::{ChatMessage, MemberRemoved, RoomAdded, RoomEvent};
 use std::collections::HashMap;
 
 /// Default and largest page of `GET /chat/rooms/:id/messages` and of `GET /chat/rooms`.
@@ -126,6 +126,7 @@ pub async fn create(
     let room = state.chat.store.create_room(name, participants).await?;
     counted.keep();
     tracing::info!(room_id = %room.id, user_id = %user.id, "room created");
+    announce_room(&state, room.participants.clone(), &room).await;
     Ok((StatusCode::CREATED, Json(room)))
 }
 
@@ -209,13 +210,27 @@ pub async fn add_participant(
             new.to_hex()
         )));
     }
-    state
+    let updated = state
         .chat
         .store
         .add_participant(room, new, state.max_room_participants)
         .await?
-        .map(Json)
-        .ok_or_else(|| ChatError::NotFound("room not found".into()))
+        .ok_or_else(|| ChatError::NotFound("room not found".into()))?;
+    announce_room(&state, vec![new], &updated).await;
+    Ok(Json(updated))
+}
+
+/// Tells the sockets of `users` that they have `room` now (`room_added`). At most once: the
+/// room is in the store already, and a client that misses the notice finds it in its next
+/// `GET /chat/rooms`.
+async fn announce_room(state: &HttpState, users: Vec<shared::ObjectId>, room: &Room) {
+    let added = RoomEvent::RoomAdded(RoomAdded {
+        user_ids: users,
+        room: room.clone(),
+    });
+    if let Err(error) = state.chat.backplane.publish(&[added]).await {
+        tracing::warn!(room_id = %room.id, %error, "room_added not published");
+    }
 }
 
 /// Removes a participant: the owner removes anyone, every participant may remove themself

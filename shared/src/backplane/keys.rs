@@ -182,7 +182,7 @@ impl Keys {
     /// Where an event is published.
     pub fn channel_of(&self, event: &RoomEvent) -> String {
         match event {
-            RoomEvent::MemberRemoved(_) => self.control_channel(),
+            RoomEvent::MemberRemoved(_) | RoomEvent::RoomAdded(_) => self.control_channel(),
             _ => self.room_channel(&event.room_id()),
         }
     }

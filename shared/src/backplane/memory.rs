@@ -205,7 +205,7 @@ impl Backplane for MemoryBackplane {
 
     async fn publish(&self, events: &[RoomEvent]) -> Result<(), BackplaneError> {
         for event in events {
-            let wanted = matches!(event, RoomEvent::MemberRemoved(_))
+            let wanted = matches!(event, RoomEvent::MemberRemoved(_) | RoomEvent::RoomAdded(_))
                 || lock(&self.rooms).contains(&event.room_id());
             if wanted {
                 (self.sink)(event.clone());

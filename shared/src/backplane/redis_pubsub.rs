@@ -212,7 +212,7 @@ fn dispatch(keys: &Keys, sink: &RoomEventSink, message: fred::types::Message) {
         .and_then(|b| serde_json::from_slice::<RoomEvent>(b).map_err(|e| e.to_string()));
     if *message.channel == *keys.control_channel() {
         match decoded {
-            Ok(event @ RoomEvent::MemberRemoved(_)) => sink(event),
+            Ok(event @ (RoomEvent::MemberRemoved(_) | RoomEvent::RoomAdded(_))) => sink(event),
             Ok(_) => tracing::warn!("room event on the control channel ignored"),
             Err(error) => tracing::warn!(%error, "undecodable control event ignored"),
         }
