@@ -21,6 +21,10 @@ const state = {
   online: new Set(),
   // Whether the room list's error on the page came from loading the list.
   roomsFailed: false,
+  // Rooms the socket is joined to (every listed room, up to JOINED_ROOMS), and the
+  // messages of each that arrived while another room was open.
+  joined: new Set(),
+  unread: new Map(),
   typingTimer: null,
   roomsTimer: null,
 };
@@ -178,6 +182,9 @@ function start(user) {
     connect: () => {
       // Errors of the connection that was lost are over.
       showError('chat-error', null);
+      // A new connection is in no room: the listed ones are joined again below.
+      state.joined.clear();
+      joinListed();
       // After a reconnect the server knows nothing of our rooms: join the open one again,
       // replaying what was missed meanwhile.
       if (state.room) {
@@ -220,9 +227,16 @@ async function fetchRooms() {
   return rooms;
 }
 
+// The socket joins every listed room, most recently active first, up to this many (a
+// reconnect joins them again at once, within the server's join burst), so that each shows
+// its unread messages.
+const JOINED_ROOMS = 100;
+
 async function loadRooms() {
   try {
     const rooms = await fetchRooms();
+    state.listed = rooms;
+    joinListed();
     // A failure of an earlier load ("Failed to fetch" while the server restarted) is over.
     if (state.roomsFailed) {
       state.roomsFailed = false;
@@ -236,12 +250,12 @@ async function loadRooms() {
         li.classList.toggle('active', state.room !== null && state.room._id === room._id);
         const button = document.createElement('button');
         button.type = 'button';
-        button.textContent = room.name || `Room ${room._id.slice(-6)}`;
         button.addEventListener('click', () => openRoom(room));
         li.append(button);
         return li;
       }),
     );
+    showUnread();
   } catch (error) {
     state.roomsFailed = true;
     showError('room-error', error);
@@ -269,12 +283,43 @@ $('room-form').addEventListener('submit', async (event) => {
   }
 });
 
+/** Joins the listed rooms the socket is not in yet (the open one catches up on its own). */
+function joinListed() {
+  if (!state.socket || !state.socket.connected) return;
+  for (const room of (state.listed || []).slice(0, JOINED_ROOMS)) {
+    if (state.joined.has(room._id) || (state.room && state.room._id === room._id)) continue;
+    state.joined.add(room._id);
+    state.socket.emit('join_room', { roomId: room._id }).then(
+      (ack) => { if (!ack.ok) state.joined.delete(room._id); },
+      () => state.joined.delete(room._id),
+    );
+  }
+}
+
+/** Shows a room's unread count on its button in the list. */
+function showUnread() {
+  for (const li of $('rooms').children) {
+    const room = (state.listed || []).find((r) => r._id === li.dataset.roomId);
+    if (!room) continue;
+    const button = li.querySelector('button');
+    const count = state.unread.get(room._id) || 0;
+    button.textContent = room.name || `Room ${room._id.slice(-6)}`;
+    if (count) {
+      const badge = document.createElement('span');
+      badge.className = 'unread';
+      badge.textContent = String(count);
+      badge.title = `${count} unread`;
+      button.append(' ', badge);
+    }
+  }
+}
+
 async function openRoom(room) {
   showError('chat-error', null);
-  if (state.room && state.room._id !== room._id) {
-    state.socket.emit('leave_room', { roomId: state.room._id }).catch(() => {});
-  }
+  state.unread.delete(room._id);
+  showUnread();
   state.room = room;
+  state.joined.add(room._id);
   state.online = new Set();
   $('online').textContent = '';
   state.rendered.clear();
@@ -385,6 +430,10 @@ async function showOnline() {
 
 async function onEvent(name, data) {
   if (name === 'message') {
+    if ((!state.room || data.roomId !== state.room._id) && data.sender?._id !== state.user._id) {
+      state.unread.set(data.roomId, (state.unread.get(data.roomId) || 0) + 1);
+      showUnread();
+    }
     render(data);
     if (state.room && data.roomId === state.room._id) $('typing').textContent = '';
   } else if (name === 'user_typing') {
@@ -445,6 +494,8 @@ $('leave').addEventListener('click', async () => {
   showError('chat-error', null);
   try {
     await api('DELETE', `/chat/rooms/${room._id}/participants/${state.user._id}`);
+    state.joined.delete(room._id);
+    state.unread.delete(room._id);
     state.room = null;
     state.online = new Set();
     $('room-title').textContent = 'Pick a room';

@@ -1,7 +1,8 @@
 // The chat page in a real browser (Debian's Chromium, driven by playwright-core): two people
 // register, one creates a room with the other by e-mail, they see each other typing and
 // exchange messages; the page at a phone's width and a desktop's with a long word; line
-// breaks, the length counted as the server counts, empty and over-long sends; who is online.
+// breaks, the length counted as the server counts, empty and over-long sends; who is online;
+// adding and leaving; unread counts of the other rooms.
 // Screenshots go to target/artifacts/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -263,5 +264,26 @@ test('the owner adds someone, whose list shows the room at once (room_added); th
   await bob.page.waitForSelector('#room-title:text("Pick a room")');
   await bob.page.waitForSelector('#rooms li button:text("Team")', { state: 'detached' });
   await ann.page.waitForSelector('#online:text-is("Online: Ann")');
+  await done(ann, bob);
+});
+
+test('every listed room is joined: a message in another room shows as unread until it is opened', async () => {
+  const { ann, bob } = await pair('First');
+  // A second room for the two; Bob stays in the first.
+  await ann.page.fill('#room-name', 'Second');
+  await ann.page.fill('#room-emails', await bob.page.evaluate(() => document.getElementById('email').value));
+  await ann.page.click('#create-room');
+  await ann.page.waitForSelector('#room-title:text("Second")');
+  await bob.page.waitForSelector('#rooms li button:text("Second")');
+  await ann.page.fill('#message-input', 'over here');
+  await ann.page.click('#send');
+  await ann.page.waitForSelector('#messages li .content:text("over here")');
+  await bob.page.waitForSelector('#rooms li button:text("Second") .unread:text("1")');
+  assert.equal(await bob.page.textContent('#room-title'), 'First');
+  mkdirSync(artifacts, { recursive: true });
+  await bob.page.screenshot({ path: path.join(artifacts, 'chat-page-unread.png'), fullPage: true });
+  await bob.page.click('#rooms li button:text("Second")');
+  await bob.page.waitForSelector('#messages li .content:text("over here")');
+  assert.equal(await bob.page.locator('#rooms .unread').count(), 0);
   await done(ann, bob);
 });
