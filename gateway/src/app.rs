@@ -140,11 +140,6 @@ impl Application {
                 settings.socket_buffer_size
             ));
         }
-        if settings.jwt_expires_in <= 0 {
-            return Err(anyhow!(
-                "JWT_EXPIRES_IN must be a positive number of seconds"
-            ));
-        }
         let jwt = JwtKeys::with_claims(
             secret.expose().as_bytes(),
             settings.jwt_expires_in,

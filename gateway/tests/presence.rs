@@ -116,29 +116,74 @@ async fn presence_follows_every_socket_of_a_user_across_gateways() {
     drop(a2);
 }
 
-/// A gateway that is SIGKILLed cannot say that its users left: the others take them
-/// offline within PRESENCE_TTL_SECS, announced once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_gateways_users_go_offline_within_the_ttl() {
+/// Bob on an in-process gateway and Ann on a gateway process, both in one room, each having
+/// seen both come online; `ttl` is both gateways' PRESENCE_TTL_SECS (default when `None`).
+/// `None` in the embedded mode: one process, no other gateway to stop.
+struct Scene {
+    app: TestApp,
+    process: usize,
+    room: String,
+    ann_id: String,
+    bob: String,
+    bob_id: String,
+    a: SioClient,
+    b: SioClient,
+}
+
+async fn ann_on_a_process(ttl: Option<Duration>) -> Option<Scene> {
     let mut app = TestApp::spawn(0).await;
     if app.skip_when_embedded("a gateway process beside another") {
-        return;
+        return None;
     }
-    let ttl = Duration::from_secs(4);
-    app.add_gateway_with(|s| s.presence_ttl_secs = ttl.as_secs())
-        .await;
-    let doomed = app
-        .gateway_process(&[("PRESENCE_TTL_SECS", ttl.as_secs().to_string())])
-        .await;
+    let env: Vec<(&str, String)> = ttl
+        .map(|t| vec![("PRESENCE_TTL_SECS", t.as_secs().to_string())])
+        .unwrap_or_default();
+    app.add_gateway_with(|s| {
+        if let Some(t) = ttl {
+            s.presence_ttl_secs = t.as_secs();
+        }
+    })
+    .await;
+    let process = app.gateway_process(&env).await;
     let (ann, ann_id) = app.user("ann").await;
     let (bob, bob_id) = app.user("bob").await;
     let room = app.room(&ann, &[&bob_id]).await;
     let b = app.member(0, &bob, &[&room]).await;
     assert_eq!(b.next("presence").await, change(&room, &bob_id, true));
-    let _a = app.member(doomed, &ann, &[&room]).await;
+    let a = app.member(process, &ann, &[&room]).await;
     assert_eq!(b.next("presence").await, change(&room, &ann_id, true));
+    Some(Scene {
+        app,
+        process,
+        room,
+        ann_id,
+        bob,
+        bob_id,
+        a,
+        b,
+    })
+}
 
-    app.gateways[doomed].process.as_mut().unwrap().kill();
+/// A gateway that is SIGKILLed cannot say that its users left: the others take them
+/// offline within PRESENCE_TTL_SECS, announced once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateways_users_go_offline_within_the_ttl() {
+    let ttl = Duration::from_secs(4);
+    let Some(Scene {
+        mut app,
+        process,
+        room,
+        ann_id,
+        bob,
+        bob_id,
+        a: _a,
+        b,
+        ..
+    }) = ann_on_a_process(Some(ttl)).await
+    else {
+        return;
+    };
+    app.gateways[process].process.as_mut().unwrap().kill();
     let killed = Instant::now();
     assert_eq!(b.next("presence").await, change(&room, &ann_id, false));
     let took = killed.elapsed();
@@ -162,25 +207,20 @@ async fn a_killed_gateways_users_go_offline_within_the_ttl() {
 /// of the old one cannot touch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_gateway_sets_its_users_online_again_when_it_resumes() {
-    let mut app = TestApp::spawn(0).await;
-    if app.skip_when_embedded("a gateway process beside another") {
+    let Some(Scene {
+        app,
+        process,
+        room,
+        ann_id,
+        bob_id,
+        mut a,
+        b,
+        ..
+    }) = ann_on_a_process(Some(Duration::from_secs(2))).await
+    else {
         return;
-    }
-    let ttl = Duration::from_secs(2);
-    app.add_gateway_with(|s| s.presence_ttl_secs = ttl.as_secs())
-        .await;
-    let paused = app
-        .gateway_process(&[("PRESENCE_TTL_SECS", ttl.as_secs().to_string())])
-        .await;
-    let (ann, ann_id) = app.user("ann").await;
-    let (bob, bob_id) = app.user("bob").await;
-    let room = app.room(&ann, &[&bob_id]).await;
-    let b = app.member(0, &bob, &[&room]).await;
-    assert_eq!(b.next("presence").await, change(&room, &bob_id, true));
-    let mut a = app.member(paused, &ann, &[&room]).await;
-    assert_eq!(b.next("presence").await, change(&room, &ann_id, true));
-
-    let process = app.gateways[paused].process.as_ref().unwrap();
+    };
+    let process = app.gateways[process].process.as_ref().unwrap();
     process.signal("STOP");
     assert_eq!(b.next("presence").await, change(&room, &ann_id, false));
     process.signal("CONT");
@@ -194,19 +234,19 @@ async fn a_paused_gateway_sets_its_users_online_again_when_it_resumes() {
 /// their last writes are made, then it leaves): no waiting for PRESENCE_TTL_SECS (30 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_gateways_users_go_offline_at_once() {
-    let mut app = TestApp::spawn(1).await;
-    if app.skip_when_embedded("a gateway process beside another") {
+    let Some(Scene {
+        app,
+        process,
+        room,
+        ann_id,
+        a: _a,
+        b,
+        ..
+    }) = ann_on_a_process(None).await
+    else {
         return;
-    }
-    let stopping = app.gateway_process(&[]).await;
-    let (ann, ann_id) = app.user("ann").await;
-    let (bob, bob_id) = app.user("bob").await;
-    let room = app.room(&ann, &[&bob_id]).await;
-    let b = app.member(0, &bob, &[&room]).await;
-    assert_eq!(b.next("presence").await, change(&room, &bob_id, true));
-    let _a = app.member(stopping, &ann, &[&room]).await;
-    assert_eq!(b.next("presence").await, change(&room, &ann_id, true));
-    app.gateways[stopping].process.as_ref().unwrap().terminate();
+    };
+    app.gateways[process].process.as_ref().unwrap().terminate();
     // Within the events' own wait (well under PRESENCE_TTL_SECS).
     assert_eq!(b.next("presence").await, change(&room, &ann_id, false));
 }
