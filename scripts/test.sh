@@ -97,7 +97,7 @@ while read -r redis seed seconds faults; do
 done < <(sed 's/#.*//' loadtest/chaos-seeds)
 
 step "contract tests on a Redis Cluster (3 masters, 3 replicas; 2 gateways, 3 persisters)"
-CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test socket --test rest --test presence
+CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test socket --test rest --test presence --test server_api
 # The gap tests that take their Redis from the environment (the 1,000-message ones run on a
 # cluster in the plain run already).
 CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test gaps -- \
@@ -105,7 +105,7 @@ CHAT_TEST_REDIS=cluster cargo test --locked -p gateway --test gaps -- \
 
 step "contract tests against the embedded mode (one process, SQLite)"
 CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest --test gaps \
-  --test presence
+  --test presence --test server_api
 
 step "JavaScript suite (official socket.io-client, also embedded and on a Redis Cluster; HAProxy affinity; the chat page in Chromium)"
 (cd tests/js && npm test && CHAT_MODE=embedded npm run test:contract \

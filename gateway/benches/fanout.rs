@@ -68,6 +68,7 @@ fn fanout(c: &mut Criterion) {
                 .into(),
             created_at: now_millis(),
             seq: Some(1),
+            server_event: None,
         };
         let typing = UserTyping {
             user_id: ObjectId::new(),

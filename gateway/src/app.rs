@@ -317,6 +317,10 @@ impl Application {
             },
             max_room_participants: usize::try_from(settings.max_room_participants)
                 .unwrap_or(usize::MAX),
+            server_api: http::server_api::ServerApi::new(
+                settings.server_api_key.as_ref(),
+                &settings.server_events,
+            ),
         });
         if !settings.no_web_ui {
             api_router = api_router.merge(http::web::router());

@@ -72,7 +72,7 @@ impl Chat {
         content: MessageContent,
         client_msg_id: Option<&ClientMsgId>,
     ) -> Result<ChatMessage, ChatError> {
-        let mut message = ChatMessage {
+        let message = ChatMessage {
             id: ObjectId::new(),
             room_id: room,
             sender: Sender {
@@ -83,11 +83,46 @@ impl Chat {
             content: content.into_inner(),
             created_at: now_millis(),
             seq: None,
+            server_event: None,
         };
-        let started = std::time::Instant::now();
         // Scoped per sender and room: the same client id in another room is another message.
         let key =
             client_msg_id.map(|c| format!("{}:{}:{}", user.id.to_hex(), room.to_hex(), c.as_str()));
+        self.append(
+            message,
+            key,
+            "clientMsgId was already used for a message with other content",
+        )
+        .await
+    }
+
+    /// Accepts a server event (a [`ChatMessage::server`] item) into its room's sequence. A
+    /// retry with the same `idempotency_key` in the room returns the first one's number and
+    /// appends nothing; the same key with another event or data is refused (`Conflict`).
+    pub async fn post_server_event(
+        &self,
+        item: ChatMessage,
+        idempotency_key: Option<&str>,
+    ) -> Result<ChatMessage, ChatError> {
+        // `server` is no user id (those are hex): no client key can take the same place.
+        let key = idempotency_key.map(|k| format!("server:{}:{k}", item.room_id.to_hex()));
+        self.append(
+            item,
+            key,
+            "idempotencyKey was already used for another event or data",
+        )
+        .await
+    }
+
+    /// Appends an item to its room's ingest partition and gives it its number (or, for a
+    /// retry under a known idempotency key, the first one's id, time and number).
+    async fn append(
+        &self,
+        mut message: ChatMessage,
+        key: Option<String>,
+        conflict: &str,
+    ) -> Result<ChatMessage, ChatError> {
+        let started = std::time::Instant::now();
         let appended = match self.backplane.append(&message, key.as_deref()).await {
             // The room's counter is not in Redis (its first message there, or Redis lost its
             // data): continue from the highest number stored, then append again.
@@ -104,9 +139,7 @@ impl Chat {
                 same_content: false,
                 ..
             } => {
-                return Err(ChatError::Conflict(
-                    "clientMsgId was already used for a message with other content".into(),
-                ));
+                return Err(ChatError::Conflict(conflict.into()));
             }
             Appended::Duplicate {
                 id,

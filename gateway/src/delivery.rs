@@ -137,9 +137,11 @@ pub fn is_cut_off(socket: &SocketRef) -> bool {
         .is_some_and(|s| s.is_slow())
 }
 
-/// Emits `message` to every local socket of a room.
+/// Emits an item of a room's sequence to every local socket of the room: `message`, or a
+/// server event by its name.
 pub fn emit_to_room(io: &SocketIo, sockets: &RoomSockets, message: &ChatMessage) {
-    emit_serialised(sockets.get(io).iter(), "message", message);
+    let (name, payload) = message.emitted();
+    emit_serialised(sockets.get(io).iter(), name, &payload);
 }
 
 /// Emits `user_typing` to every local socket of the room but the typing user's own.
@@ -182,7 +184,7 @@ pub fn emit_presence(io: &SocketIo, sockets: &RoomSockets, change: &PresenceChan
 /// broadcast does not say, vendor/socketioxide/PATCH.md).
 fn emit_serialised<'a, T: Serialize>(
     sockets: impl Iterator<Item = &'a SocketRef>,
-    name: &'static str,
+    name: &str,
     payload: &T,
 ) {
     let mut sockets = sockets.peekable();
@@ -204,7 +206,20 @@ fn emit_serialised<'a, T: Serialize>(
             Err(error) => tracing::debug!(socket = %socket.id, %error, "emit to closed socket"),
         }
     }
-    metrics::counter!("chat_gateway_deliveries_total", "event" => name).increment(delivered);
+    metrics::counter!("chat_gateway_deliveries_total", "event" => metric_label(name))
+        .increment(delivered);
+}
+
+/// The `event` label of a delivery count: the gateway's own events by name, and every server
+/// event under one label (their names are the deployment's, and any gateway may see any).
+fn metric_label(event: &str) -> &'static str {
+    match event {
+        "message" => "message",
+        "user_typing" => "user_typing",
+        "room_added" => "room_added",
+        "presence" => "presence",
+        _ => "server_event",
+    }
 }
 
 /// A socket whose buffer is full is cut off: it leaves every room at once (so it gets

@@ -420,12 +420,13 @@ impl Feed {
                 }
                 // Encoded here, not per room: only this socket gets the replay.
                 for message in &run {
-                    if let Err(error) = socket.emit("message", message) {
+                    let (event, payload) = message.emitted();
+                    if let Err(error) = socket.emit(event, &payload) {
                         if let socketioxide::SendError::Socket(
                             socketioxide::SocketError::InternalChannelFull,
                         ) = error
                         {
-                            delivery::disconnect_slow_consumer(socket.clone(), "message");
+                            delivery::disconnect_slow_consumer(socket.clone(), event);
                         }
                         // The client's doing, not a dependency's: answered, not logged.
                         return Err(ChatError::Busy {

@@ -177,6 +177,20 @@ pub struct Settings {
     /// written into the socket's buffer at once).
     #[arg(long, env = "REPLAY_LIMIT", default_value_t = 500)]
     pub replay_limit: u64,
+    /// Key that backend services send as `Authorization: Bearer <key>` to the server API
+    /// (`POST /server/rooms/:roomId/events`): at least 32 bytes. While it is unset (or
+    /// empty) the route does not exist.
+    #[arg(long, env = "SERVER_API_KEY", hide_env_values = true, value_parser = crate::http::server_api::parse_key)]
+    pub server_api_key: Option<Secret>,
+    /// Events the server API accepts, comma-separated; members receive each under its name.
+    #[arg(
+        long,
+        env = "SERVER_EVENTS",
+        default_value = "file_uploaded,file_unlocked",
+        value_delimiter = ',',
+        value_parser = crate::http::server_api::parse_event_name
+    )]
+    pub server_events: Vec<String>,
     #[command(flatten)]
     pub redis: RedisSettings,
     #[command(flatten)]

@@ -36,7 +36,12 @@ pub fn describe() {
     );
     describe_counter!(
         "chat_gateway_deliveries_total",
-        "Events emitted to local sockets (one per socket), by event."
+        "Events emitted to local sockets (one per socket), by event (server events under \
+         server_event)."
+    );
+    describe_counter!(
+        "chat_gateway_server_events_total",
+        "Server API requests, by result: accepted, or unauthorized (a missing or wrong key)."
     );
     describe_gauge!(
         "chat_gateway_rooms_local",

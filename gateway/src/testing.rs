@@ -191,5 +191,6 @@ pub fn numbered(room: ObjectId, seq: u64) -> ChatMessage {
         content: format!("m{seq}"),
         created_at: shared::wire::now_millis(),
         seq: Some(seq),
+        server_event: None,
     }
 }

@@ -67,6 +67,7 @@ async fn store_insert_is_idempotent_by_message_id() {
         stored[2],
         ChatMessage {
             seq: Some(1),
+            server_event: None,
             ..first[0].message.clone()
         }
     );

@@ -342,6 +342,9 @@ async function openRoom(room) {
     const oldest = history.length ? history[history.length - 1].seq : undefined;
     if (typeof oldest === 'number' && state.caughtUp === 0) state.caughtUp = oldest - 1;
     history.reverse().forEach(render);
+    // The history holds chat messages only: the catch-up listing fills in the server
+    // events between them (a file uploaded…), so that no number is left unseen.
+    await pageAfter(room, state.caughtUp);
     await loadPresence(room);
   } catch (error) {
     showError('chat-error', error);
@@ -354,11 +357,17 @@ async function openRoom(room) {
 async function catchUp(room) {
   const ack = await state.socket.emit('join_room', { roomId: room._id, afterSeq: state.caughtUp });
   if (!ack.ok) throw new Error(ack.error.message);
-  let more = ack.hasMore;
-  while (more && state.room && state.room._id === room._id) {
-    const page = await api('GET', `/chat/rooms/${room._id}/messages?afterSeq=${state.caughtUp}&limit=100`);
-    page.forEach(render);
-    more = page.length === 100;
+  if (ack.hasMore) await pageAfter(room, state.caughtUp);
+}
+
+/** Renders every item of `room` after `seq` (messages and server events), page by page. */
+async function pageAfter(room, seq) {
+  let after = seq;
+  while (state.room && state.room._id === room._id) {
+    const page = await api('GET', `/chat/rooms/${room._id}/messages?afterSeq=${after}&limit=100`);
+    page.forEach((item) => (item.event ? renderEvent(item.event, item) : render(item)));
+    if (page.length < 100) return;
+    after = page[page.length - 1].seq;
   }
 }
 
@@ -369,6 +378,46 @@ function track(seq) {
   if (typeof seq !== 'number' || seq <= state.caughtUp) return;
   state.ahead.add(seq);
   while (state.ahead.delete(state.caughtUp + 1)) state.caughtUp += 1;
+}
+
+/** What the page shows for the server events it knows; others show their name. */
+const SERVER_EVENTS = { file_uploaded: 'a file was uploaded', file_unlocked: 'a file was unlocked' };
+
+/** Shows a server event (a backend service posted it into the room's sequence). Live, its
+ * payload is `{...data, roomId, seq}`; listed, `{id, roomId, seq, createdAt, event, data}`. */
+function renderEvent(name, item) {
+  const key = `seq:${item.seq}`;
+  if (!state.room || item.roomId !== state.room._id || state.rendered.has(key)) return;
+  state.rendered.add(key);
+  track(item.seq);
+  const data = item.data || item;
+  const li = document.createElement('li');
+  li.className = 'message server-event';
+  const text = document.createElement('span');
+  text.className = 'content';
+  const file = typeof data.name === 'string' ? `: ${data.name}` : '';
+  text.textContent = `${SERVER_EVENTS[name] || name}${file}`;
+  li.append(text);
+  if (item.createdAt) {
+    const time = document.createElement('time');
+    time.className = 'time';
+    time.dateTime = item.createdAt;
+    time.textContent = new Date(item.createdAt).toLocaleTimeString();
+    li.append(time);
+  }
+  place(li, item.seq);
+}
+
+/** Puts an item in the conversation in `seq` order, whatever order they arrived in (a gap
+ * filled after live messages). */
+function place(li, seq) {
+  const list = $('messages');
+  if (typeof seq === 'number') li.dataset.seq = String(seq);
+  const after = typeof seq === 'number'
+    ? [...list.children].find((other) => Number(other.dataset.seq) > seq)
+    : undefined;
+  list.insertBefore(li, after || null);
+  list.scrollTop = list.scrollHeight;
 }
 
 function render(message) {
@@ -392,14 +441,7 @@ function render(message) {
   time.dateTime = message.createdAt;
   time.textContent = new Date(message.createdAt).toLocaleTimeString();
   li.append(who, content, time);
-  const list = $('messages');
-  // In `seq` order, whatever order they arrived in (a gap filled after live messages).
-  if (typeof message.seq === 'number') li.dataset.seq = String(message.seq);
-  const after = typeof message.seq === 'number'
-    ? [...list.children].find((other) => Number(other.dataset.seq) > message.seq)
-    : undefined;
-  list.insertBefore(li, after || null);
-  list.scrollTop = list.scrollHeight;
+  place(li, message.seq);
 }
 
 async function nameOf(userId) {
@@ -448,6 +490,12 @@ async function onEvent(name, data) {
     if (data.online) state.online.add(data.userId);
     else state.online.delete(data.userId);
     await showOnline();
+  } else if (name in SERVER_EVENTS) {
+    if (!state.room || data.roomId !== state.room._id) {
+      state.unread.set(data.roomId, (state.unread.get(data.roomId) || 0) + 1);
+      showUnread();
+    }
+    renderEvent(name, data);
   } else if (name === 'resync') {
     // The server could not fill a gap in our live messages and took us out of the room:
     // join again from the last message we hold without a gap.

@@ -915,6 +915,7 @@ async fn persist(
                 content: format!("persist {i}"),
                 created_at: shared::wire::now_millis(),
                 seq: None,
+                server_event: None,
             },
         })
         .collect();

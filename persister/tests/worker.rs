@@ -24,6 +24,7 @@ fn message(room: ObjectId, content: &str) -> ChatMessage {
         content: content.into(),
         created_at: now_millis(),
         seq: None,
+        server_event: None,
     }
 }
 

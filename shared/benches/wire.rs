@@ -23,6 +23,7 @@ fn message() -> ChatMessage {
         content: "Hello! This is a chat message of a typical length, about eighty chars.".into(),
         created_at: now_millis(),
         seq: None,
+        server_event: None,
     }
 }
 

@@ -187,9 +187,16 @@ impl Email {
 /// The first 16 hex digits of a text's SHA-256: bounded, stable across processes and
 /// releases, and enough to tell texts apart where that is all that is asked.
 pub fn fingerprint(text: &str) -> String {
+    sha256(text)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A text's SHA-256.
+pub fn sha256(text: &str) -> [u8; 32] {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(text.as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(text.as_bytes()).into()
 }
 
 /// Shortest accepted password, in characters.

@@ -5,7 +5,7 @@
 //! a crash of the process (a power cut may lose the last moments).
 
 use crate::store::{Room, SequencedMessage, Store, StoreError, StoredSeq, User, UserCredentials};
-use crate::wire::{ChatMessage, Sender};
+use crate::wire::{ChatMessage, SERVER_SENDER, Sender, ServerEvent};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use mongodb::bson::oid::ObjectId;
@@ -53,17 +53,49 @@ CREATE TABLE IF NOT EXISTS room_participants (
     PRIMARY KEY (room_id, user_id)
 );
 CREATE INDEX IF NOT EXISTS room_participants_user ON room_participants(user_id);
-CREATE TABLE IF NOT EXISTS messages (
+"#;
+
+/// The items of rooms' sequences: chat messages (a sender and content) and server events (an
+/// event name and its data as JSON text), one kind per row.
+const MESSAGE_COLUMNS: &str = "
     id TEXT PRIMARY KEY,
     room_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
-    sender_id TEXT NOT NULL,
+    sender_id TEXT,
     sender_email TEXT,
     sender_name TEXT,
-    content TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-"#;
+    content TEXT,
+    created_at INTEGER NOT NULL,
+    event TEXT,
+    data TEXT,
+    CHECK ((event IS NULL) = (sender_id IS NOT NULL AND content IS NOT NULL))
+";
+
+/// Databases written before server events had a sender and content in every row (NOT NULL):
+/// the table is made again with the columns above, keeping every row.
+fn allow_server_events(conn: &mut Connection) -> Result<(), StoreError> {
+    let has_event: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'event'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_event {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE messages_items ({MESSAGE_COLUMNS});
+         INSERT INTO messages_items
+            (id, room_id, seq, sender_id, sender_email, sender_name, content, created_at)
+            SELECT id, room_id, seq, sender_id, sender_email, sender_name, content, created_at
+            FROM messages;
+         DROP TABLE messages;
+         ALTER TABLE messages_items RENAME TO messages;"
+    ))?;
+    tx.commit()?;
+    tracing::info!("store: the messages table can now hold server events");
+    Ok(())
+}
 
 /// A room's numbers are unique. Databases written before they were may hold one number twice
 /// in a room; [`renumber_duplicates`] runs first there.
@@ -93,6 +125,9 @@ impl SqliteStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS messages ({MESSAGE_COLUMNS});"
+        ))?;
         // Databases created before rooms had owners lack the column.
         let has_owner: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM pragma_table_info('rooms') WHERE name = 'owner_id'",
@@ -103,6 +138,7 @@ impl SqliteStore {
             conn.execute_batch("ALTER TABLE rooms ADD COLUMN owner_id TEXT")?;
         }
         let mut conn = conn;
+        allow_server_events(&mut conn)?;
         let has_unique: bool = conn.query_row(
             "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'messages_room_seq_unique'",
             [],
@@ -196,18 +232,43 @@ fn renumber_duplicates(c: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The columns [`message_row`] reads, in its order.
+const ROW: &str =
+    "id, room_id, sender_id, sender_email, sender_name, content, created_at, seq, event, data";
+
 fn message_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
+    let event: Option<String> = r.get(8)?;
+    let server_event = match event {
+        None => None,
+        Some(event) => {
+            let data: String = r.get(9)?;
+            let data = serde_json::from_str(&data).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    9,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            Some(ServerEvent { event, data })
+        }
+    };
+    let sender_id: Option<String> = r.get(2)?;
     Ok(ChatMessage {
         id: oid(&r.get::<_, String>(0)?)?,
         room_id: oid(&r.get::<_, String>(1)?)?,
         sender: Sender {
-            id: oid(&r.get::<_, String>(2)?)?,
+            id: sender_id
+                .as_deref()
+                .map(oid)
+                .transpose()?
+                .unwrap_or(SERVER_SENDER),
             email: r.get(3)?,
             display_name: r.get(4)?,
         },
-        content: r.get(5)?,
+        content: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
         created_at: time(r.get(6)?),
         seq: u64::try_from(r.get::<_, i64>(7)?).ok(),
+        server_event,
     })
 }
 
@@ -426,8 +487,9 @@ impl Store for SqliteStore {
                 // by another message of the room is refused by the unique index.
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO messages
-                     (id, room_id, seq, sender_id, sender_email, sender_name, content, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
+                     (id, room_id, seq, sender_id, sender_email, sender_name, content, created_at,
+                      event, data)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT(id) DO NOTHING",
                 )?;
                 let mut touch = tx.prepare_cached(
                     "UPDATE rooms SET last_message_at = max(coalesce(last_message_at, 0), ?2),
@@ -435,15 +497,23 @@ impl Store for SqliteStore {
                 )?;
                 for (index, SequencedMessage { seq, message: m }) in messages.iter().enumerate() {
                     let at = m.created_at.timestamp_millis();
+                    // A chat message has a sender and content; a server event, its name and data.
+                    let (sender, content) = match m.server_event {
+                        Some(_) => (None, None),
+                        None => (Some(m.sender.id.to_hex()), Some(&m.content)),
+                    };
+                    let event = m.server_event.as_ref();
                     let inserted = insert.execute(params![
                         m.id.to_hex(),
                         m.room_id.to_hex(),
                         seq,
-                        m.sender.id.to_hex(),
+                        sender,
                         m.sender.email,
                         m.sender.display_name,
-                        m.content,
-                        at
+                        content,
+                        at,
+                        event.map(|e| &e.event),
+                        event.map(|e| serde_json::Value::Object(e.data.clone()).to_string()),
                     ]);
                     match inserted.map_err(StoreError::from) {
                         Ok(_) => {}
@@ -516,8 +586,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<ChatMessage>, StoreError> {
         self.with(move |c| {
-            const COLUMNS: &str =
-                "id, room_id, sender_id, sender_email, sender_name, content, created_at, seq";
+            // Chat messages only: server events are listed by `messages_after` alone.
             let room_hex = room.to_hex();
             let anchor: Option<i64> = match before {
                 Some(b) => c
@@ -532,14 +601,14 @@ impl Store for SqliteStore {
             let rows = match (before, anchor) {
                 (None, _) => {
                     let mut s = c.prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM messages WHERE room_id = ?1 ORDER BY seq DESC, id DESC LIMIT ?2"
+                        "SELECT {ROW} FROM messages WHERE event IS NULL AND room_id = ?1 ORDER BY seq DESC, id DESC LIMIT ?2"
                     ))?;
                     s.query_map(params![room_hex, limit], message_row)?
                         .collect::<rusqlite::Result<Vec<_>>>()?
                 }
                 (Some(_), Some(seq)) => {
                     let mut s = c.prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM messages WHERE room_id = ?1 AND seq < ?2 ORDER BY seq DESC, id DESC LIMIT ?3"
+                        "SELECT {ROW} FROM messages WHERE event IS NULL AND room_id = ?1 AND seq < ?2 ORDER BY seq DESC, id DESC LIMIT ?3"
                     ))?;
                     s.query_map(params![room_hex, seq, limit], message_row)?
                         .collect::<rusqlite::Result<Vec<_>>>()?
@@ -547,7 +616,7 @@ impl Store for SqliteStore {
                 // Not stored (yet): ids still order messages roughly by time.
                 (Some(b), None) => {
                     let mut s = c.prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM messages WHERE room_id = ?1 AND id < ?2 ORDER BY seq DESC, id DESC LIMIT ?3"
+                        "SELECT {ROW} FROM messages WHERE event IS NULL AND room_id = ?1 AND id < ?2 ORDER BY seq DESC, id DESC LIMIT ?3"
                     ))?;
                     s.query_map(params![room_hex, b.to_hex(), limit], message_row)?
                         .collect::<rusqlite::Result<Vec<_>>>()?
@@ -566,10 +635,9 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ChatMessage>, StoreError> {
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
         self.with(move |c| {
-            let mut s = c.prepare_cached(
-                "SELECT id, room_id, sender_id, sender_email, sender_name, content, created_at, seq \
-                 FROM messages WHERE room_id = ?1 AND seq > ?2 ORDER BY seq ASC, id ASC LIMIT ?3",
-            )?;
+            let mut s = c.prepare_cached(&format!(
+                "SELECT {ROW} FROM messages WHERE room_id = ?1 AND seq > ?2 ORDER BY seq ASC, id ASC LIMIT ?3"
+            ))?;
             let rows = s
                 .query_map(params![room.to_hex(), after, limit], message_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -615,6 +683,7 @@ mod tests {
             content: content.into(),
             created_at: crate::wire::now_millis(),
             seq: None,
+            server_event: None,
         }
     }
 
@@ -712,6 +781,13 @@ mod tests {
         {
             let c = Connection::open(&path).unwrap();
             c.execute_batch(SCHEMA).unwrap();
+            // The messages table as it was before server events: every column NOT NULL.
+            c.execute_batch(
+                "CREATE TABLE messages (id TEXT PRIMARY KEY, room_id TEXT NOT NULL,
+                 seq INTEGER NOT NULL, sender_id TEXT NOT NULL, sender_email TEXT,
+                 sender_name TEXT, content TEXT NOT NULL, created_at INTEGER NOT NULL)",
+            )
+            .unwrap();
             c.execute_batch("CREATE INDEX messages_room_seq ON messages(room_id, seq DESC)")
                 .unwrap();
             for (id, seq) in ids.iter().zip([1, 2, 2, 3]) {
@@ -765,6 +841,30 @@ mod tests {
         let found = store.stored_in(&[(room, 5, 9)], &[]).await.unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!((found[0].id, found[0].seq), (batch[0].message.id, 5));
+        // The old table now takes server events: listed in the sequence, not in the history.
+        let mut event = ChatMessage::server(
+            room,
+            crate::wire::ServerEvent {
+                event: "file_uploaded".into(),
+                data: serde_json::json!({ "fileId": "f1" })
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            },
+        );
+        event.seq = Some(6);
+        store
+            .insert_messages(&[SequencedMessage {
+                seq: 6,
+                message: event.clone(),
+            }])
+            .await
+            .unwrap();
+        let items = store.messages_after(room, 5, 10).await.unwrap();
+        assert_eq!(items, [event]);
+        let history = store.messages(room, None, 10).await.unwrap();
+        assert!(history.iter().all(|m| m.server_event.is_none()));
+        assert_eq!(history.len(), 5);
         drop(store);
         // Opened again: nothing to do.
         SqliteStore::open(&path).unwrap();

@@ -6,7 +6,7 @@
 //! ([`StoreError::SeqTaken`]), never stored twice.
 
 use crate::config::MongoSettings;
-use crate::wire::{ChatMessage, Sender};
+use crate::wire::{ChatMessage, Sender, ServerEvent};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -205,8 +205,8 @@ pub trait Store: Send + Sync + 'static {
         ranges: &[(ObjectId, u64, u64)],
         ids: &[ObjectId],
     ) -> Result<Vec<StoredSeq>, StoreError>;
-    /// A room's messages, newest first (in accepted order), at most `limit`, older than
-    /// the message `before` when given.
+    /// A room's chat messages (not its server events), newest first (in accepted order), at
+    /// most `limit`, older than the message `before` when given.
     async fn messages(
         &self,
         room: ObjectId,
@@ -214,7 +214,8 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<ChatMessage>, StoreError>;
 
-    /// Messages of a room with a sequence number above `after_seq`, oldest first.
+    /// The items of a room (chat messages and server events) with a sequence number above
+    /// `after_seq`, oldest first.
     async fn messages_after(
         &self,
         room: ObjectId,
@@ -267,9 +268,18 @@ struct MessageDoc {
     room_id: ObjectId,
     #[serde(default)]
     seq: i64,
-    sender: SenderDoc,
-    content: String,
+    /// A chat message's; absent on a server event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sender: Option<SenderDoc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
     created_at: bson::DateTime,
+    /// A server event's name and its data, as JSON text (kept as text so that it comes back
+    /// exactly as posted: BSON has no unsigned 64-bit integer). Absent on a chat message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    data: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -307,34 +317,62 @@ impl From<RoomDoc> for Room {
 impl From<&SequencedMessage> for MessageDoc {
     fn from(s: &SequencedMessage) -> Self {
         let m = &s.message;
+        let (sender, content) = match m.server_event {
+            Some(_) => (None, None),
+            None => (
+                Some(SenderDoc {
+                    id: m.sender.id,
+                    email: m.sender.email.clone(),
+                    display_name: m.sender.display_name.clone(),
+                }),
+                Some(m.content.clone()),
+            ),
+        };
         MessageDoc {
             id: m.id,
             room_id: m.room_id,
             seq: s.seq,
-            sender: SenderDoc {
-                id: m.sender.id,
-                email: m.sender.email.clone(),
-                display_name: m.sender.display_name.clone(),
-            },
-            content: m.content.clone(),
+            sender,
+            content,
             created_at: to_bson_time(&m.created_at),
+            event: m.server_event.as_ref().map(|e| e.event.clone()),
+            data: m
+                .server_event
+                .as_ref()
+                .map(|e| serde_json::Value::Object(e.data.clone()).to_string()),
         }
     }
 }
 
 impl From<MessageDoc> for ChatMessage {
     fn from(d: MessageDoc) -> Self {
+        let server_event = d.event.map(|event| ServerEvent {
+            event,
+            data: d
+                .data
+                .and_then(|text| serde_json::from_str(&text).ok())
+                .unwrap_or_default(),
+        });
+        let sender = match d.sender {
+            Some(s) => Sender {
+                id: s.id,
+                email: s.email,
+                display_name: s.display_name,
+            },
+            None => Sender {
+                id: crate::wire::SERVER_SENDER,
+                email: None,
+                display_name: None,
+            },
+        };
         ChatMessage {
             id: d.id,
             room_id: d.room_id,
-            sender: Sender {
-                id: d.sender.id,
-                email: d.sender.email,
-                display_name: d.sender.display_name,
-            },
-            content: d.content,
+            sender,
+            content: d.content.unwrap_or_default(),
             created_at: from_bson_time(d.created_at),
             seq: u64::try_from(d.seq).ok(),
+            server_event,
         }
     }
 }
@@ -819,7 +857,8 @@ impl Store for MongoStore {
         before: Option<ObjectId>,
         limit: u32,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut filter = doc! { "roomId": room };
+        // Chat messages only: server events are listed by `messages_after` alone.
+        let mut filter = doc! { "roomId": room, "event": { "$exists": false } };
         if let Some(before) = before {
             let anchor = self
                 .messages

@@ -23,6 +23,122 @@ pub struct ChatMessage {
     /// assigned once when the message is accepted. Absent only before that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// Set on an item a backend service posted through the server API
+    /// (`POST /server/rooms/:id/events`) instead of a chat message: it takes the room's
+    /// ordered, stored path like a message, and reaches sockets as the named event. Its
+    /// `sender` is [`SERVER_SENDER`] and its `content` empty. Only on the internal wire: the
+    /// `message` event never carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_event: Option<ServerEvent>,
+}
+
+/// The sender of a room item that a backend service posted ([`ChatMessage::server_event`]):
+/// the all-zero id, which no user has ([`ObjectId::new`] never makes it).
+pub const SERVER_SENDER: ObjectId = ObjectId::from_bytes([0; 12]);
+
+/// A named event with a JSON object, posted by a backend service into a room's sequence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerEvent {
+    /// One of `SERVER_EVENTS` (`file_uploaded`, `file_unlocked` by default).
+    pub event: String,
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ChatMessage {
+    /// A server event as an item of `room`'s sequence, not yet numbered.
+    pub fn server(room: ObjectId, event: ServerEvent) -> Self {
+        ChatMessage {
+            id: ObjectId::new(),
+            room_id: room,
+            sender: Sender {
+                id: SERVER_SENDER,
+                email: None,
+                display_name: None,
+            },
+            content: String::new(),
+            created_at: now_millis(),
+            seq: None,
+            server_event: Some(event),
+        }
+    }
+
+    /// A fingerprint of what the item says, kept with its idempotency key so that a retry
+    /// carrying something else under the same key is told apart from a true retry.
+    pub fn fingerprint(&self) -> String {
+        match &self.server_event {
+            None => crate::domain::fingerprint(&self.content),
+            Some(e) => crate::domain::fingerprint(&format!(
+                "{}\0{}",
+                e.event,
+                serde_json::Value::Object(e.data.clone())
+            )),
+        }
+    }
+
+    /// The Socket.IO event that delivers the item, and its payload: `message` with the
+    /// message, or the server event's name with `{...data, roomId, seq}`.
+    pub fn emitted(&self) -> (&str, Emitted<'_>) {
+        match &self.server_event {
+            None => ("message", Emitted::Message(self)),
+            Some(e) => (e.event.as_str(), Emitted::Event(self, e)),
+        }
+    }
+
+    /// The item as the catch-up listing (`GET /chat/rooms/:id/messages?afterSeq=`) shows it:
+    /// a message in its own shape, a server event as `{id, roomId, seq, createdAt, event,
+    /// data}`.
+    pub fn listed(self) -> Listed {
+        Listed(self)
+    }
+}
+
+/// A payload of [`ChatMessage::emitted`].
+pub enum Emitted<'a> {
+    Message(&'a ChatMessage),
+    Event(&'a ChatMessage, &'a ServerEvent),
+}
+
+impl Serialize for Emitted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Emitted::Message(m) => m.serialize(s),
+            Emitted::Event(m, e) => {
+                // The server API refuses `roomId` and `seq` in `data`: these two are the
+                // gateway's, and a JSON object must not name a key twice.
+                let mut map = s.serialize_map(Some(e.data.len() + 2))?;
+                for (k, v) in &e.data {
+                    map.serialize_entry(k, v)?;
+                }
+                map.serialize_entry("roomId", &m.room_id.to_hex())?;
+                map.serialize_entry("seq", &m.seq)?;
+                map.end()
+            }
+        }
+    }
+}
+
+/// An item of [`ChatMessage::listed`].
+pub struct Listed(ChatMessage);
+
+impl Serialize for Listed {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let m = &self.0;
+        match &m.server_event {
+            None => m.serialize(s),
+            Some(e) => {
+                let mut map = s.serialize_map(Some(6))?;
+                map.serialize_entry("id", &m.id.to_hex())?;
+                map.serialize_entry("roomId", &m.room_id.to_hex())?;
+                map.serialize_entry("seq", &m.seq)?;
+                map.serialize_entry("createdAt", &format_time(&m.created_at))?;
+                map.serialize_entry("event", &e.event)?;
+                map.serialize_entry("data", &e.data)?;
+                map.end()
+            }
+        }
+    }
 }
 
 /// Who sent a message. `email` and `displayName` come from the sender's token.
@@ -204,6 +320,7 @@ mod tests {
                 .unwrap()
                 .with_timezone(&Utc),
             seq: None,
+            server_event: None,
         };
         assert_eq!(
             serde_json::to_value(&msg).unwrap(),
@@ -223,5 +340,46 @@ mod tests {
         let back: RoomEvent =
             serde_json::from_str(&serde_json::to_string(&event).unwrap()).unwrap();
         assert_eq!(back.room_id(), msg.room_id);
+    }
+
+    #[test]
+    fn a_server_event_is_emitted_and_listed_in_its_own_shapes() {
+        let room = ObjectId::parse_str("6560a0000000000000000002").unwrap();
+        let data = json!({ "fileId": "f1", "size": 3 })
+            .as_object()
+            .unwrap()
+            .clone();
+        let mut item = ChatMessage::server(
+            room,
+            ServerEvent {
+                event: "file_uploaded".into(),
+                data,
+            },
+        );
+        item.seq = Some(7);
+        let (name, payload) = item.emitted();
+        assert_eq!(name, "file_uploaded");
+        assert_eq!(
+            serde_json::to_value(&payload).unwrap(),
+            json!({ "fileId": "f1", "size": 3, "roomId": "6560a0000000000000000002", "seq": 7 })
+        );
+        let listed = serde_json::to_value(item.clone().listed()).unwrap();
+        assert_eq!(listed["event"], "file_uploaded");
+        assert_eq!(listed["data"], json!({ "fileId": "f1", "size": 3 }));
+        assert_eq!(listed["seq"], 7);
+        assert_eq!(listed.as_object().unwrap().len(), 6);
+        // On the internal wire it keeps everything.
+        let back: ChatMessage =
+            serde_json::from_str(&serde_json::to_string(&item).unwrap()).unwrap();
+        assert_eq!(back, item);
+        // Another event or data under one idempotency key is told apart.
+        let mut other = item.clone();
+        other
+            .server_event
+            .as_mut()
+            .unwrap()
+            .data
+            .insert("size".into(), json!(4));
+        assert_ne!(item.fingerprint(), other.fingerprint());
     }
 }

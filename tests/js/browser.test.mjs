@@ -2,7 +2,7 @@
 // register, one creates a room with the other by e-mail, they see each other typing and
 // exchange messages; the page at a phone's width and a desktop's with a long word; line
 // breaks, the length counted as the server counts, empty and over-long sends; who is online;
-// adding and leaving; unread counts of the other rooms.
+// adding and leaving; unread counts of the other rooms; a file a backend service announced.
 // Screenshots go to target/artifacts/.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,7 +10,7 @@ import { mkdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startEmbedded } from './harness.mjs';
+import { SERVER_API_KEY, startEmbedded } from './harness.mjs';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const artifacts = path.join(root, 'target', 'artifacts');
@@ -285,5 +285,40 @@ test('every listed room is joined: a message in another room shows as unread unt
   await bob.page.click('#rooms li button:text("Second")');
   await bob.page.waitForSelector('#messages li .content:text("over here")');
   assert.equal(await bob.page.locator('#rooms .unread').count(), 0);
+  await done(ann, bob);
+});
+
+test('a file uploaded through the server API shows in the conversation, live and after a reload', async () => {
+  const { ann, bob } = await pair('Files');
+  const roomId = await bob.page.getAttribute('#rooms li.active', 'data-room-id');
+  await ann.page.fill('#message-input', 'sending the report');
+  await ann.page.click('#send');
+  await bob.page.waitForSelector('#messages li .content:text("sending the report")');
+  const response = await fetch(`${server.gateways[0].url}/server/rooms/${roomId}/events`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${SERVER_API_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ event: 'file_uploaded', data: { fileId: 'f1', name: 'report.pdf' } }),
+  });
+  assert.equal(response.status, 202);
+  assert.deepEqual(await response.json(), { roomId, seq: 2 });
+  await ann.page.fill('#message-input', 'there it is');
+  await ann.page.click('#send');
+  const shown = '#messages li.server-event .content:text("a file was uploaded: report.pdf")';
+  const order = (p) => p.$$eval('#messages li .content', (els) => els.map((e) => e.textContent));
+  const expected = ['sending the report', 'a file was uploaded: report.pdf', 'there it is'];
+  for (const p of [ann.page, bob.page]) {
+    await p.waitForSelector(shown);
+    await p.waitForSelector('#messages li .content:text("there it is")');
+    assert.deepEqual(await order(p), expected);
+  }
+  mkdirSync(artifacts, { recursive: true });
+  await bob.page.screenshot({ path: path.join(artifacts, 'chat-page-file-uploaded.png'), fullPage: true });
+  // Opened afresh, the room shows it too (from the catch-up listing), in its place.
+  await bob.page.reload();
+  await bob.page.waitForSelector('#status.online');
+  await bob.page.click('#rooms li button:text("Files")');
+  await bob.page.waitForSelector(shown);
+  await bob.page.waitForSelector('#messages li .content:text("there it is")');
+  assert.deepEqual(await order(bob.page), expected);
   await done(ann, bob);
 });

@@ -12,6 +12,8 @@ import { fileURLToPath } from 'node:url';
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const bin = (name) => path.join(root, 'target', process.env.CARGO_PROFILE_DIR || 'debug', name);
 export const JWT_SECRET = 'js-suite-secret-of-32-bytes-or-more';
+/** The server API key of every gateway the suite starts. */
+export const SERVER_API_KEY = 'js-suite-server-api-key-of-32-bytes-or-more';
 
 function freePort() {
   return new Promise((resolve, reject) => {
@@ -140,7 +142,7 @@ export async function startTopology() {
     const port = await freePort();
     const admin = await freePort();
     const child = start(`gateway${i}`, bin('gateway'), [], {
-      ...common, PORT: String(port), METRICS_PORT: String(admin), JWT_SECRET,
+      ...common, PORT: String(port), METRICS_PORT: String(admin), JWT_SECRET, SERVER_API_KEY,
     });
     gateways.push({ port, admin, child, url: `http://127.0.0.1:${port}` });
   }
@@ -175,7 +177,7 @@ export async function startEmbedded(children = [], start = null) {
   const launch = async () => {
     const child = start('gateway', bin('gateway'), ['--embedded', '--data-dir', dataDir], {
       PORT: String(port), METRICS_PORT: String(admin), JWT_SECRET, HOST: '127.0.0.1',
-      REDIS_URL: '', MONGODB_URI: '',
+      REDIS_URL: '', MONGODB_URI: '', SERVER_API_KEY,
     });
     await waitReady(admin, 'gateway', child);
     return child;

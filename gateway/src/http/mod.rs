@@ -5,6 +5,7 @@ pub(crate) mod auth;
 mod extract;
 pub mod hashing;
 pub(crate) mod rooms;
+pub mod server_api;
 mod users;
 pub mod web;
 
@@ -30,6 +31,8 @@ pub struct HttpState {
     pub login: LoginLimits,
     /// `MAX_ROOM_PARTICIPANTS`.
     pub max_room_participants: usize,
+    /// The server API, when `SERVER_API_KEY` is set.
+    pub server_api: Option<server_api::ServerApi>,
 }
 
 /// Brute-force protection of `/auth/login`.
@@ -63,7 +66,14 @@ const MESSAGE_BODY_LIMIT: usize = 128 * 1024;
 pub fn router(state: HttpState) -> Router {
     // A room's creation names up to MAX_ROOM_PARTICIPANTS ids of 26 bytes each in JSON.
     let create_room_limit = BODY_LIMIT + 32 * state.max_room_participants;
-    Router::new()
+    let mut router = Router::new();
+    if state.server_api.is_some() {
+        router = router.route(
+            "/server/rooms/{id}/events",
+            post(server_api::post_event).layer(DefaultBodyLimit::max(server_api::BODY_LIMIT)),
+        );
+    }
+    router
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
         .route("/auth/me", get(auth::me))

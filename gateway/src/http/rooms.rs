@@ -13,7 +13,7 @@ use serde_json::Value;
 use shared::ObjectId;
 use shared::domain::{ClientMsgId, MessageContent, parse_name, parse_object_id};
 use shared::store::Room;
-use shared::wire::{ChatMessage, MemberRemoved, RoomAdded, RoomEvent};
+use shared::wire::{ChatMessage, Listed, MemberRemoved, RoomAdded, RoomEvent};
 use std::collections::HashMap;
 
 /// Default and largest page of `GET /chat/rooms/:id/messages` and of `GET /chat/rooms`.
@@ -331,7 +331,7 @@ pub async fn messages(
     Authenticated(user): Authenticated,
     Path(id): Path<String>,
     QueryParams(pairs): QueryParams<Vec<(String, String)>>,
-) -> Result<Json<Vec<ChatMessage>>, ChatError> {
+) -> Result<Json<Vec<Listed>>, ChatError> {
     let room = parse_object_id("id", &id)?;
     let (limit, anchor) = page(&single_values(pairs)?)?;
     state.chat.room_for(&user.id, room).await?;
@@ -339,9 +339,11 @@ pub async fn messages(
     let page = match anchor {
         Anchor::Latest => store.messages(room, None, limit).await?,
         Anchor::Before(id) => store.messages(room, Some(id), limit).await?,
+        // Every item of the sequence, server events too: a client paging by `seq` must
+        // never stall on a number it cannot see.
         Anchor::AfterSeq(seq) => store.messages_after(room, seq, limit).await?,
     };
-    Ok(Json(page))
+    Ok(Json(page.into_iter().map(ChatMessage::listed).collect()))
 }
 
 /// `GET /chat/rooms/:id/presence`: who is online in the room, for its participants.

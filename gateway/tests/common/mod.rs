@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub const JWT_SECRET: &str = "integration-test-secret-of-32-bytes-or-more";
+/// The server API key of the test gateways.
+pub const SERVER_API_KEY: &str = "integration-test-server-api-key-of-32-bytes";
 
 pub struct Gateway {
     pub port: u16,
@@ -270,6 +272,8 @@ impl TestApp {
             // so now and then more than the default allows.
             "--room-creations-per-user",
             "100000",
+            "--server-api-key",
+            SERVER_API_KEY,
         ];
         if self.embedded {
             let dir = self
@@ -608,5 +612,6 @@ pub fn chat_message(room: shared::ObjectId, content: &str) -> shared::wire::Chat
         content: content.into(),
         created_at: shared::wire::now_millis(),
         seq: None,
+        server_event: None,
     }
 }

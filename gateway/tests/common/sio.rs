@@ -182,6 +182,20 @@ impl SioClient {
         .unwrap_or_else(|| panic!("no `{name}` event within {TIMEOUT:?}"))
     }
 
+    /// Waits for the next event called any of `names`, taking the first to arrive: its name
+    /// and payload.
+    pub async fn next_of(&self, names: &[&str]) -> (String, Value) {
+        self.wait_for(|inbox| {
+            let pos = inbox
+                .events
+                .iter()
+                .position(|(n, _)| names.contains(&n.as_str()))?;
+            inbox.events.remove(pos)
+        })
+        .await
+        .unwrap_or_else(|| panic!("none of {names:?} within {TIMEOUT:?}"))
+    }
+
     /// Events received so far and not yet taken, by name.
     pub fn pending(&self, name: &str) -> Vec<Value> {
         let inbox = self.inbox.lock().unwrap();

@@ -15,6 +15,10 @@
 //!   the acknowledged adding that brought them back;
 //! * (f) nothing is received that is not stored, under the number it is stored with.
 //!
+//! "Messages" here are every item of a room's sequence: the clients' chat messages and the
+//! server events a backend posts (known to the history by the unique `fileId` it gave each,
+//! as the server API answers with a number, not an id).
+//!
 //! Not checked: `typing` (best effort by design); whether a `join_room` answered `ok` after
 //! its user's removal (nothing reaches the socket after the removal, which (e) checks); and
 //! what the run does not inject: Redis Cluster slot migrations (a known limit of live

@@ -6,6 +6,7 @@
 //! does. Room owners remove members and add them back. Everything is recorded.
 
 use super::history::{Event, History, JoinOutcome, Outcome};
+use super::topology::SERVER_API_KEY;
 use crate::client::{Client, Incoming};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -119,6 +120,11 @@ impl Crowd {
         for (client, rooms) in self.cast.rooms_of.iter().enumerate() {
             self.state(client).member = rooms.iter().copied().collect();
         }
+    }
+
+    /// The client number of the backend's sends ([`run_backend`]): after every real client's.
+    pub fn backend(&self) -> usize {
+        self.cast.tokens.len()
     }
 
     fn room_index(&self, id: &str) -> Option<usize> {
@@ -357,14 +363,14 @@ async fn read(
                     continue;
                 };
                 match name.as_str() {
-                    "message" => {
+                    "message" | SERVER_EVENT => {
                         let seq = data["seq"].as_u64().unwrap_or(0);
                         crowd.state(client).receive(room, seq);
                         history.record(Event::Message {
                             client,
                             conn,
                             room,
-                            id: data["id"].as_str().unwrap_or_default().to_owned(),
+                            id: item_id(&name, data),
                             seq,
                             at: history.now(),
                         });
@@ -477,7 +483,10 @@ async fn page(crowd: &Arc<Crowd>, client: usize, room: usize, rng: &mut ChaCha8R
                 client,
                 conn: 0,
                 room,
-                id: m["id"].as_str().unwrap_or_default().to_owned(),
+                id: match m["event"].as_str() {
+                    Some(event) => item_id(event, &m["data"]),
+                    None => item_id("message", m),
+                },
                 seq,
                 at: crowd.history.now(),
             });
@@ -533,6 +542,78 @@ async fn send(
     match key {
         Some(key) if retry && attempt < KEYED_ATTEMPTS => Some((room, content, key, attempt)),
         _ => None,
+    }
+}
+
+/// The event the backend posts through the server API.
+pub const SERVER_EVENT: &str = "file_uploaded";
+
+/// What the history calls an item: a message by its id; a server event by the unique
+/// `fileId` its poster gave it (the server API answers with its number, not an id).
+fn item_id(event: &str, data: &Value) -> String {
+    let field = if event == "message" { "id" } else { "fileId" };
+    data[field].as_str().unwrap_or_default().to_owned()
+}
+
+/// A backend service: posts server events into random rooms through random gateways until
+/// `quiet`, each with an idempotency key, retried after errors and time-outs as a careful
+/// client's send is. Recorded as sends of client `crowd.backend()`, whose content and id are
+/// the event's `fileId`.
+pub async fn run_backend(crowd: Arc<Crowd>, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5E12_7E12);
+    let client = crowd.backend();
+    let mut posted = 0u64;
+    while !crowd.quiet.is_cancelled() {
+        let wait = Duration::from_millis(rng.random_range(200..800));
+        tokio::select! {
+            _ = crowd.quiet.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        posted += 1;
+        let room = rng.random_range(0..crowd.cast.rooms.len());
+        let file = format!("file.{posted}");
+        let path = format!("/server/rooms/{}/events", crowd.cast.rooms[room].to_hex());
+        let body =
+            json!({ "event": SERVER_EVENT, "data": { "fileId": file }, "idempotencyKey": file });
+        for attempt in 1..=KEYED_ATTEMPTS {
+            let started = crowd.history.now();
+            let answer = crowd
+                .rest(
+                    &mut rng,
+                    reqwest::Method::POST,
+                    &path,
+                    SERVER_API_KEY,
+                    Some(body.clone()),
+                )
+                .await;
+            let outcome = match &answer {
+                Ok((202, _)) => Outcome::Acked { id: file.clone() },
+                Ok((_, payload)) => Outcome::Refused {
+                    code: payload["error"].as_str().unwrap_or("MALFORMED").to_owned(),
+                },
+                Err(_) => Outcome::TimedOut,
+            };
+            let retry = match &answer {
+                Ok((202, _)) => false,
+                Ok((status, _)) => *status == 503 || *status == 429,
+                Err(_) => true,
+            };
+            crowd.history.record(Event::Send {
+                client,
+                room,
+                content: file.clone(),
+                keyed: true,
+                attempt,
+                conn: 0,
+                started,
+                at: crowd.history.now(),
+                outcome,
+            });
+            if !retry {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.random_range(100..500))).await;
+        }
     }
 }
 

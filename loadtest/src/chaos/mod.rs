@@ -125,6 +125,7 @@ async fn run_seed(args: &ChaosArgs, seed: u64) -> anyhow::Result<bool> {
     for room in 0..args.rooms {
         owners.push(tokio::spawn(clients::run_owner(crowd.clone(), room, seed)));
     }
+    let backend = tokio::spawn(clients::run_backend(crowd.clone(), seed));
     let plan = faults::schedule(
         seed,
         args.duration as f64,
@@ -157,6 +158,8 @@ async fn run_seed(args: &ChaosArgs, seed: u64) -> anyhow::Result<bool> {
             }
         }
     }
+    // Its last event is answered (or given up) once everything is healed.
+    let _ = backend.await;
     crowd.all_members();
     let settled = settle(&topology, &crowd, &mongo, args.rooms).await;
     crowd.done.cancel();
@@ -173,10 +176,21 @@ async fn run_seed(args: &ChaosArgs, seed: u64) -> anyhow::Result<bool> {
             room,
             messages
                 .into_iter()
-                .map(|m| Stored {
-                    id: m.id.to_hex(),
-                    seq: m.seq.unwrap_or(0),
-                    content: m.content,
+                .map(|m| match m.server_event {
+                    // The backend's events go by the unique fileId it gave them.
+                    Some(event) => {
+                        let file = event.data["fileId"].as_str().unwrap_or_default().to_owned();
+                        Stored {
+                            id: file.clone(),
+                            seq: m.seq.unwrap_or(0),
+                            content: file,
+                        }
+                    }
+                    None => Stored {
+                        id: m.id.to_hex(),
+                        seq: m.seq.unwrap_or(0),
+                        content: m.content,
+                    },
                 })
                 .collect(),
         );

@@ -15,6 +15,9 @@ pub enum RedisMode {
     Cluster,
 }
 
+/// The server API key of the run's gateways (the backend's server events).
+pub const SERVER_API_KEY: &str = "chaos-run-server-api-key-of-32-bytes-or-more";
+
 /// How the services are tuned for a run that must see takeovers within seconds.
 #[derive(Debug, Clone)]
 pub struct Tuning {
@@ -164,6 +167,7 @@ impl Topology {
             env.extend([
                 ("PORT".into(), port.to_string()),
                 ("JWT_SECRET".into(), t.jwt_secret.clone()),
+                ("SERVER_API_KEY".into(), SERVER_API_KEY.into()),
                 // The clients reconnect and rejoin often, on purpose.
                 ("JOINS_PER_SECOND".into(), "1000".into()),
                 ("JOIN_BURST".into(), "1000".into()),

@@ -9,7 +9,7 @@
 
 use super::{
     Appended, Backplane, BackplaneError, IDEMPOTENCY_TTL, Ingest, IngestEntry, Lease, ReadPosition,
-    Renumbered, RoomEventSink, content_hash, stream_seq,
+    Renumbered, RoomEventSink, stream_seq,
 };
 use crate::wire::{ChatMessage, RoomEvent};
 use async_trait::async_trait;
@@ -169,7 +169,7 @@ impl Backplane for MemoryBackplane {
                     seen.first.remove(&old);
                 }
             }
-            let hash = content_hash(&message.content);
+            let hash = message.fingerprint();
             if let Some((id, created_at, seq, first)) = seen.first.get(key) {
                 return Ok(Appended::Duplicate {
                     id: *id,
@@ -465,6 +465,7 @@ mod tests {
             content: "hi".into(),
             created_at: crate::wire::now_millis(),
             seq: None,
+            server_event: None,
         }
     }
 

@@ -13,7 +13,7 @@ use super::redis_util::{
 };
 use super::{
     APPENDED_TTL, Appended, BackplaneError, Ingest, IngestEntry, IngestSettings, Keys, Lease,
-    RENUMBERED_TTL, ReadPosition, Renumbered, content_hash,
+    RENUMBERED_TTL, ReadPosition, Renumbered,
 };
 use crate::config::RedisSettings;
 use crate::wire::{ChatMessage, MessageBatch, RoomEvent};
@@ -92,7 +92,7 @@ impl IngestWriter {
             message.id.to_hex(),
             message.created_at.timestamp_millis()
         );
-        let hash = content_hash(&message.content);
+        let hash = message.fingerprint();
         let reply: (i64, Value) = SCRIPTS
             .append
             .evalsha_with_reload(
