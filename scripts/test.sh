@@ -107,6 +107,13 @@ step "contract tests against the embedded mode (one process, SQLite)"
 CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest --test gaps \
   --test presence --test server_api
 
+step "docs/asyncapi.yaml is valid AsyncAPI 3 (@asyncapi/parser; the contract suite checks every event against it)"
+(cd tests/js && node --input-type=module -e "
+  const { loadSchemas } = await import('./asyncapi.mjs');
+  const { validators } = await loadSchemas();
+  console.log('docs/asyncapi.yaml: valid, ' + validators.size + ' messages');
+")
+
 step "JavaScript suite (official socket.io-client, also embedded and on a Redis Cluster; HAProxy affinity; the chat page in Chromium)"
 (cd tests/js && npm test && CHAT_MODE=embedded npm run test:contract \
   && CHAT_REDIS=cluster npm run test:contract)

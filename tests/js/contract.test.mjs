@@ -1,16 +1,21 @@
-// The seed's WebSocket API, exercised with the official socket.io-client.
+// The seed's WebSocket API, exercised with the official socket.io-client. Every event and
+// ack the sockets receive is checked against docs/asyncapi.yaml.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { io } from 'socket.io-client';
-import { startTopology, register, createRoom, once } from './harness.mjs';
+import { loadSchemas, watch } from './asyncapi.mjs';
+import { SERVER_API_KEY, startTopology, register, createRoom, once } from './harness.mjs';
 
 let topo;
 let ann;
 let bob;
 let room;
+let schemas;
 const sockets = [];
+const checker = { problems: [], seen: new Map() };
 
 before(async () => {
+  schemas = await loadSchemas();
   topo = await startTopology();
   const base = topo.gateways[0].url;
   ann = await register(base, 'ann');
@@ -26,7 +31,7 @@ after(async () => {
 function connect(gateway, opts) {
   const socket = io(`${topo.gateways[gateway].url}/chat`, { reconnection: false, forceNew: true, ...opts });
   sockets.push(socket);
-  return socket;
+  return watch(socket, schemas, checker);
 }
 
 async function connected(socket) {
@@ -125,4 +130,46 @@ test('join_room with afterSeq replays what was missed before its ack (the reconn
   const live = once(b, 'message');
   await a.emitWithAck('send_message', { roomId: fresh._id, content: 'm6' });
   assert.equal((await live).seq, 6);
+});
+
+test('presence, a server event and an exception match docs/asyncapi.yaml', async () => {
+  // Two people new to the suite, in a room of their own: nobody is online there yet.
+  const base = topo.gateways[0].url;
+  const carol = await register(base, 'carol');
+  const dave = await register(base, 'dave');
+  const room = await createRoom(base, carol.accessToken, [dave.user._id]);
+  const a = await connected(connect(0, { auth: { token: carol.accessToken } }));
+  const b = await connected(connect(1, { auth: { token: dave.accessToken } }));
+  const online = once(a, 'presence');
+  assert.equal((await a.emitWithAck('join_room', { roomId: room._id })).ok, true);
+  await online;
+  const bobOnline = once(a, 'presence');
+  assert.equal((await b.emitWithAck('join_room', { roomId: room._id })).ok, true);
+  await bobOnline;
+  assert.equal((await a.emitWithAck('get_presence', { roomId: room._id })).ok, true);
+  assert.equal((await a.emitWithAck('typing', { roomId: room._id })).ok, true);
+  await once(b, 'user_typing');
+  const uploaded = once(b, 'file_uploaded');
+  const res = await fetch(`${topo.gateways[0].url}/server/rooms/${room._id}/events`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${SERVER_API_KEY}`, 'content-type': 'application/json' },
+    body: JSON.stringify({ event: 'file_uploaded', data: { fileId: 'f1', name: 'a.pdf' } }),
+  });
+  assert.equal(res.status, 202);
+  const event = await uploaded;
+  assert.equal(event.fileId, 'f1');
+  assert.equal(event.roomId, room._id);
+  // An event without an ack that fails: `exception`.
+  const failed = once(a, 'exception');
+  a.emit('send_message', { roomId: room._id, content: '' });
+  assert.equal((await failed).code, 'BAD_REQUEST');
+  assert.equal((await a.emitWithAck('leave_room', { roomId: room._id })).ok, true);
+});
+
+test('everything received matched docs/asyncapi.yaml', () => {
+  assert.deepEqual(checker.problems, []);
+  for (const id of ['message', 'user_typing', 'presence', 'file_uploaded', 'exception',
+    'join_room_ack', 'send_message_ack', 'get_presence_ack', 'ok_ack']) {
+    assert.ok(checker.seen.get(id) > 0, `no ${id} was checked`);
+  }
 });
