@@ -343,8 +343,9 @@ async function openRoom(room) {
     if (typeof oldest === 'number' && state.caughtUp === 0) state.caughtUp = oldest - 1;
     history.reverse().forEach(render);
     // The history holds chat messages only: the catch-up listing fills in the server
-    // events between them (a file uploaded…), so that no number is left unseen.
-    await pageAfter(room, state.caughtUp);
+    // events between them (a file uploaded…), so that no number is left unseen. A few pages
+    // at most: a room of events alone is not read from its start on every open.
+    await pageAfter(room, state.caughtUp, 3);
     await loadPresence(room);
   } catch (error) {
     showError('chat-error', error);
@@ -360,12 +361,13 @@ async function catchUp(room) {
   if (ack.hasMore) await pageAfter(room, state.caughtUp);
 }
 
-/** Renders every item of `room` after `seq` (messages and server events), page by page. */
-async function pageAfter(room, seq) {
+/** Renders the items of `room` after `seq` (messages and server events), page by page,
+ * at most `pages` pages. */
+async function pageAfter(room, seq, pages = Infinity) {
   let after = seq;
-  while (state.room && state.room._id === room._id) {
+  for (let n = 0; n < pages && state.room && state.room._id === room._id; n += 1) {
     const page = await api('GET', `/chat/rooms/${room._id}/messages?afterSeq=${after}&limit=100`);
-    page.forEach((item) => (item.event ? renderEvent(item.event, item) : render(item)));
+    page.forEach((item) => (item.event ? renderEvent(item.event, item.data, item) : render(item)));
     if (page.length < 100) return;
     after = page[page.length - 1].seq;
   }
@@ -381,24 +383,30 @@ function track(seq) {
 }
 
 /** What the page shows for the server events it knows; others show their name. */
-const SERVER_EVENTS = { file_uploaded: 'a file was uploaded', file_unlocked: 'a file was unlocked' };
+const SERVER_EVENTS = new Map([
+  ['file_uploaded', 'a file was uploaded'],
+  ['file_unlocked', 'a file was unlocked'],
+]);
+/** The gateway's own events: any other event with a room and a number is a server event
+ * (the deployment's SERVER_EVENTS may name more than the two above). */
+const OWN_EVENTS = new Set(['message', 'user_typing', 'room_added', 'presence', 'resync', 'exception']);
 
-/** Shows a server event (a backend service posted it into the room's sequence). Live, its
- * payload is `{...data, roomId, seq}`; listed, `{id, roomId, seq, createdAt, event, data}`. */
-function renderEvent(name, item) {
+/** Shows a server event (a backend service posted it into the room's sequence): its name,
+ * its data, and `item` with its room, number and (listed) time. Live, the payload is
+ * `{...data, roomId, seq}` and is both; listed, `{id, roomId, seq, createdAt, event, data}`. */
+function renderEvent(name, data, item) {
   const key = `seq:${item.seq}`;
   if (!state.room || item.roomId !== state.room._id || state.rendered.has(key)) return;
   state.rendered.add(key);
   track(item.seq);
-  const data = item.data || item;
   const li = document.createElement('li');
   li.className = 'message server-event';
   const text = document.createElement('span');
   text.className = 'content';
   const file = typeof data.name === 'string' ? `: ${data.name}` : '';
-  text.textContent = `${SERVER_EVENTS[name] || name}${file}`;
+  text.textContent = `${SERVER_EVENTS.get(name) || name}${file}`;
   li.append(text);
-  if (item.createdAt) {
+  if (item.event && item.createdAt) {
     const time = document.createElement('time');
     time.className = 'time';
     time.dateTime = item.createdAt;
@@ -490,12 +498,12 @@ async function onEvent(name, data) {
     if (data.online) state.online.add(data.userId);
     else state.online.delete(data.userId);
     await showOnline();
-  } else if (name in SERVER_EVENTS) {
+  } else if (!OWN_EVENTS.has(name) && typeof data?.roomId === 'string' && typeof data?.seq === 'number') {
     if (!state.room || data.roomId !== state.room._id) {
       state.unread.set(data.roomId, (state.unread.get(data.roomId) || 0) + 1);
       showUnread();
     }
-    renderEvent(name, data);
+    renderEvent(name, data, data);
   } else if (name === 'resync') {
     // The server could not fill a gap in our live messages and took us out of the room:
     // join again from the last message we hold without a gap.

@@ -104,6 +104,11 @@ DROP INDEX IF EXISTS messages_room_seq;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_room_seq_unique ON messages(room_id, seq);
 ";
 
+/// The history listing reads chat messages only: this index holds nothing else, so a room
+/// with many server events is not walked through them.
+const CHAT_INDEX: &str =
+    "CREATE INDEX IF NOT EXISTS messages_chat ON messages(room_id, seq) WHERE event IS NULL;";
+
 /// The SQLite store.
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -150,6 +155,7 @@ impl SqliteStore {
             tx.execute_batch(UNIQUE_SEQS)?;
             tx.commit()?;
         }
+        conn.execute_batch(CHAT_INDEX)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
         })

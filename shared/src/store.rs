@@ -350,7 +350,11 @@ impl From<MessageDoc> for ChatMessage {
             event,
             data: d
                 .data
-                .and_then(|text| serde_json::from_str(&text).ok())
+                .and_then(|text| {
+                    serde_json::from_str(&text)
+                        .inspect_err(|e| tracing::error!(id = %d.id, error = %e, "a stored server event's data is not a JSON object: shown as {{}}"))
+                        .ok()
+                })
                 .unwrap_or_default(),
         });
         let sender = match d.sender {

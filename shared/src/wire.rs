@@ -70,7 +70,7 @@ impl ChatMessage {
             Some(e) => crate::domain::fingerprint(&format!(
                 "{}\0{}",
                 e.event,
-                serde_json::Value::Object(e.data.clone())
+                canonical(&serde_json::Value::Object(e.data.clone()))
             )),
         }
     }
@@ -89,6 +89,29 @@ impl ChatMessage {
     /// data}`.
     pub fn listed(self) -> Listed {
         Listed(self)
+    }
+}
+
+/// JSON text with every object's keys sorted: the same data posted with its keys in another
+/// order is the same data (objects keep their order here: `serde_json`'s `preserve_order` is
+/// on in this build).
+fn canonical(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let fields: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(canonical).collect();
+            format!("[{}]", items.join(","))
+        }
+        other => other.to_string(),
     }
 }
 
@@ -381,5 +404,12 @@ mod tests {
             .data
             .insert("size".into(), json!(4));
         assert_ne!(item.fingerprint(), other.fingerprint());
+        // The same data with its keys in another order is the same.
+        let mut reordered = item.clone();
+        reordered.server_event.as_mut().unwrap().data = json!({ "size": 3, "fileId": "f1" })
+            .as_object()
+            .unwrap()
+            .clone();
+        assert_eq!(item.fingerprint(), reordered.fingerprint());
     }
 }

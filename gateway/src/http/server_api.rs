@@ -35,7 +35,8 @@ pub struct ServerApi {
 impl ServerApi {
     /// `None` when the key is unset or empty (the route is then off).
     pub fn new(key: Option<&Secret>, events: &[String]) -> Option<Self> {
-        let key = key.map(Secret::expose).filter(|k| !k.is_empty())?;
+        // A key read from a file or a Secret often ends with a line break.
+        let key = key.map(|k| k.expose().trim()).filter(|k| !k.is_empty())?;
         Some(Self {
             key_digest: sha256(key),
             events: events.iter().cloned().collect(),
@@ -51,13 +52,14 @@ impl ServerApi {
 
 /// Checks a `SERVER_API_KEY` value: empty (the route off) or at least [`MIN_KEY_BYTES`].
 pub fn parse_key(raw: &str) -> Result<Secret, String> {
-    if !raw.is_empty() && raw.len() < MIN_KEY_BYTES {
+    let key = raw.trim();
+    if !key.is_empty() && key.len() < MIN_KEY_BYTES {
         return Err(format!(
             "must be at least {MIN_KEY_BYTES} bytes (it has {}); generate one with `openssl rand -hex 32`",
-            raw.len()
+            key.len()
         ));
     }
-    Ok(Secret::new(raw))
+    Ok(Secret::new(key))
 }
 
 /// Names a client's own events, or Socket.IO's: a server event must not be mistaken for one.

@@ -13,6 +13,7 @@
 //! | `{chat:ingest:p}:fence` | string (counter) | the partition | the last fencing token handed out | one per partition |
 //! | `{chat:ingest:p}:msg:<messageId>` | string | the partition of the room: checked and set in the append script | the sequence number the message was given | `EX 120` |
 //! | `{chat:ingest:p}:idem:<user>:<room>:<clientMsgId>` | string | the partition of the room: checked and set in the append script | `<messageId> <millis> <seq> <content hash>` of the first send | `EX IDEMPOTENCY_TTL_SECS` (24 h) |
+//! | `{chat:ingest:p}:idem:server:<room>:<idempotencyKey>` | string | the same, for a server event | `<id> <millis> <seq> <event and data hash>` | `EX IDEMPOTENCY_TTL_SECS` (24 h) |
 //! | `{chat:ingest:p}:renumbered:<roomId>:<entryId>` | string | the partition: set by the renumber script | what one renumbering moved | `EX 600` |
 //! | `{chat:ingest:p}:room:<roomId>` | sharded channel | the partition: the complete script publishes with the fenced acknowledge | `message` batches and `typing` of one room | pub/sub |
 //! | `{chat:ingest:p}:presence:<roomId>` | hash | the partition of the room: the presence script changes it and publishes on the room's channel | `<gateway> <userId>` for each user a gateway holds sockets of in the room, and `u:<userId>` → how many gateways do | one field per user and gateway holding them; deleted with the last |
