@@ -107,6 +107,9 @@ step "contract tests against the embedded mode (one process, SQLite)"
 CHAT_TEST_MODE=embedded cargo test --locked -p gateway --test socket --test rest --test gaps \
   --test presence --test server_api
 
+step "REST: /openapi.json is valid OpenAPI 3.1, and schemathesis finds no 5xx and no undescribed answer (embedded mode)"
+bash scripts/check-openapi.sh
+
 step "docs/asyncapi.yaml is valid AsyncAPI 3 (@asyncapi/parser; the contract suite checks every event against it)"
 (cd tests/js && node --input-type=module -e "
   const { loadSchemas } = await import('./asyncapi.mjs');

@@ -20,9 +20,10 @@ use std::future::IntoFuture;
 use std::time::Duration;
 
 /// A user as clients see it (never with the password hash).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct User {
     #[serde(rename = "_id", with = "crate::wire::oid_hex")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     pub id: ObjectId,
     pub email: String,
     #[serde(rename = "displayName")]
@@ -37,21 +38,28 @@ pub struct UserCredentials {
 }
 
 /// A room as clients see it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Room {
     #[serde(rename = "_id", with = "crate::wire::oid_hex")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     pub id: ObjectId,
+    /// `null` until set.
     pub name: Option<String>,
     /// The creator: the only one who adds or removes others. Absent on rooms stored before
     /// rooms had owners (their first participant counts as the owner).
     #[serde(with = "opt_oid_hex", default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$", required = false, nullable = false)]
     pub owner_id: Option<ObjectId>,
     #[serde(with = "oid_hex_vec")]
+    #[schema(value_type = Vec<String>)]
     pub participants: Vec<ObjectId>,
     #[serde(with = "crate::wire::rfc3339_millis")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
+    /// The time of the room's last item (a message or a server event); `null` until then.
     #[serde(with = "opt_rfc3339_millis")]
+    #[schema(value_type = Option<String>, format = DateTime, required = true)]
     pub last_message_at: Option<DateTime<Utc>>,
 }
 

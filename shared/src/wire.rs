@@ -8,20 +8,24 @@ use mongodb::bson::oid::ObjectId;
 use serde::{Deserialize, Serialize};
 
 /// The `message` event: one chat message as every member sees it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ChatMessage {
     #[serde(with = "oid_hex")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     pub id: ObjectId,
     #[serde(with = "oid_hex")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     pub room_id: ObjectId,
     pub sender: Sender,
     pub content: String,
     #[serde(with = "rfc3339_millis")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     /// The message's place in its room: 1, 2, 3… without gaps, in the room's one order,
     /// assigned once when the message is accepted. Absent only before that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, nullable = false)]
     pub seq: Option<u64>,
     /// Set on an item a backend service posted through the server API
     /// (`POST /server/rooms/:id/events`) instead of a chat message: it takes the room's
@@ -29,6 +33,7 @@ pub struct ChatMessage {
     /// `sender` is [`SERVER_SENDER`] and its `content` empty. Only on the internal wire: the
     /// `message` event never carries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub server_event: Option<ServerEvent>,
 }
 
@@ -165,14 +170,17 @@ impl Serialize for Listed {
 }
 
 /// Who sent a message. `email` and `displayName` come from the sender's token.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Sender {
     #[serde(rename = "_id", with = "oid_hex")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     pub id: ObjectId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub email: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub display_name: Option<String>,
 }
 

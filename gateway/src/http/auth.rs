@@ -21,15 +21,20 @@ use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterBody {
+    #[schema(format = Email)]
     email: String,
+    /// 8 to 1,024 characters.
+    #[schema(min_length = 8, max_length = 1024)]
     password: String,
+    /// The part of the e-mail before `@` by default.
+    #[schema(nullable = false)]
     display_name: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct LoginBody {
     email: String,
     password: String,
@@ -115,6 +120,22 @@ fn session(state: &HttpState, user: User) -> Result<Json<Value>, ChatError> {
 /// Registers a user. Limited per client address (`REGISTER_MAX_PER_IP` attempts per
 /// `LOGIN_WINDOW_SECS`, every attempt counted): each attempt costs a password hash, and its
 /// 409 tells whether an e-mail has an account.
+#[utoipa::path(
+    post,
+    path = "/auth/register",
+    tag = "auth",
+    request_body = RegisterBody,
+    security(()),
+    responses(
+        (status = 201, description = "Registered: a token and the user", body = crate::http::openapi::Session),
+        (status = 400, description = "Invalid e-mail, display name or password (8 to 1,024 characters), or a malformed body", body = crate::http::openapi::ApiError),
+        (status = 409, description = "The e-mail has an account (case-insensitive)", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Past REGISTER_MAX_PER_IP registrations from the address in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
+        (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Too many sign-ins being hashed at once, Redis or the store did not answer, or shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn register(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -254,6 +275,22 @@ impl Drop for Counted {
 /// limits bound those.) The e-mail's counters are named by its fingerprint, never by what
 /// the client sent. An attempt that ends without the password checked (Redis or the store
 /// failing, the hashing pool full, the client gone) is not counted.
+#[utoipa::path(
+    post,
+    path = "/auth/login",
+    tag = "auth",
+    request_body = LoginBody,
+    security(()),
+    responses(
+        (status = 200, description = "A token and the user", body = crate::http::openapi::Session),
+        (status = 400, description = "A malformed body", body = crate::http::openapi::ApiError),
+        (status = 401, description = "Invalid email or password (the same answer for an unknown e-mail)", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Past LOGIN_MAX_FAILURES_PER_IP, or LOGIN_MAX_FAILURES_PER_EMAIL from the address", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
+        (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Too many sign-ins being hashed at once, Redis or the store did not answer, or shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn login(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -330,6 +367,17 @@ pub async fn login(
 const LOGIN_SLOWDOWN_STEP: Duration = Duration::from_millis(250);
 const LOGIN_SLOWDOWN_MAX: Duration = Duration::from_secs(5);
 
+#[utoipa::path(
+    get,
+    path = "/auth/me",
+    tag = "auth",
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "The caller", body = shared::store::User),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn me(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,

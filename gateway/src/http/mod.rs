@@ -4,6 +4,7 @@
 pub(crate) mod auth;
 mod extract;
 pub mod hashing;
+pub mod openapi;
 pub(crate) mod rooms;
 pub mod server_api;
 mod users;
@@ -74,6 +75,12 @@ pub fn router(state: HttpState) -> Router {
         );
     }
     router
+        .route(
+            "/openapi.json",
+            openapi::serve(openapi::document(
+                state.server_api.as_ref().map(server_api::ServerApi::events),
+            )),
+        )
         .route("/auth/register", post(auth::register))
         .route("/auth/login", post(auth::login))
         .route("/auth/me", get(auth::me))

@@ -20,24 +20,32 @@ use std::collections::HashMap;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 100;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CreateRoomBody {
     name: Option<String>,
+    /// The other participants' ids; the caller is added.
     #[serde(default)]
+    #[schema(inline, value_type = Vec<String>, pattern = "^[0-9a-f]{24}$")]
     participant_ids: Vec<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AddParticipantBody {
+    #[schema(pattern = "^[0-9a-f]{24}$")]
     user_id: String,
 }
 
-#[derive(Deserialize)]
+/// Read as JSON values and checked by hand, for errors that name the field.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PostMessageBody {
+    /// 1 to 10,000 characters (Unicode code points).
+    #[schema(value_type = String)]
     content: Value,
+    /// Makes a retry safe: 1 to 64 characters.
+    #[schema(value_type = Option<String>, nullable = false)]
     client_msg_id: Option<Value>,
 }
 
@@ -98,6 +106,23 @@ impl PostMessageBody {
 
 /// Creates a room. Limited per user (`ROOM_CREATIONS_PER_USER` per `LOGIN_WINDOW_SECS`):
 /// each room costs every gateway of its members a feed and a subscription.
+#[utoipa::path(
+    post,
+    path = "/chat/rooms",
+    tag = "rooms",
+    request_body = CreateRoomBody,
+    security(("accessToken" = [])),
+    responses(
+        (status = 201, description = "The room; the caller is its owner and a participant", body = shared::store::Room),
+        (status = 400, description = "A malformed id or body, or more than MAX_ROOM_PARTICIPANTS participants", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 404, description = "A participant is not a user", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Past ROOM_CREATIONS_PER_USER or USER_LOOKUPS_PER_USER in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
+        (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn create(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -133,6 +158,19 @@ pub async fn create(
 /// `GET /chat/rooms?limit=&before=`: the user's rooms, most recently active first, at most
 /// `limit` (default 50, at most 100); with `before` (a room id from the page before), the
 /// ones after it.
+#[utoipa::path(
+    get,
+    path = "/chat/rooms",
+    tag = "rooms",
+    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 50 by default"), ("before" = Option<String>, Query, description = "The last room of the page before: the next page")),
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "The caller's rooms, most recently active first", body = Vec<shared::store::Room>),
+        (status = 400, description = "A bad limit or before, or a repeated parameter", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn list(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -176,6 +214,22 @@ fn page_limit(query: &HashMap<String, String>) -> Result<u32, ChatError> {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/chat/rooms/{id}",
+    operation_id = "getRoom",
+    tag = "rooms",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")),
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "The room", body = shared::store::Room),
+        (status = 400, description = "A malformed id", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn get(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -185,6 +239,25 @@ pub async fn get(
     Ok(Json(state.chat.room_for(&user.id, room).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/chat/rooms/{id}/participants",
+    tag = "rooms",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")), request_body = AddParticipantBody,
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "The room (adding a participant twice changes nothing)", body = shared::store::Room),
+        (status = 400, description = "A malformed id or body", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 403, description = "The caller is not the room's owner", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such room or user", body = crate::http::openapi::ApiError),
+        (status = 409, description = "The room has MAX_ROOM_PARTICIPANTS participants", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Past USER_LOOKUPS_PER_USER in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
+        (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn add_participant(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -244,6 +317,23 @@ async fn announce_room(state: &HttpState, users: Vec<shared::ObjectId>, room: &R
 /// them and answers 204, without the room they are no longer in. Removals take from the
 /// user's join budget (`JOINS_PER_SECOND`): each makes every gateway with the room read its
 /// participants again.
+#[utoipa::path(
+    delete,
+    path = "/chat/rooms/{id}/participants/{user_id}",
+    tag = "rooms",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits"), ("user_id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "User id, 24 hex digits")),
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "The room", body = shared::store::Room),
+        (status = 204, description = "The caller removed themself before: a retry, told to the gateways again"),
+        (status = 400, description = "A malformed id", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 403, description = "Not a participant, or removing someone else without being the owner", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Over the caller's join budget", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn remove_participant(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -326,6 +416,21 @@ fn page(query: &HashMap<String, String>) -> Result<(u32, Anchor), ChatError> {
     Ok((limit, anchor))
 }
 
+#[utoipa::path(
+    get,
+    path = "/chat/rooms/{id}/messages",
+    tag = "rooms",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 50 by default"), ("before" = Option<String>, Query, description = "A message id: older chat messages, newest first"), ("afterSeq" = Option<u64>, Query, description = "Every item with a larger seq, oldest first (server events included)")),
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "Without afterSeq: chat messages, newest first. With afterSeq: every item of the sequence, oldest first", body = Vec<crate::http::openapi::SequenceItem>),
+        (status = 400, description = "A bad limit, before or afterSeq, or before with afterSeq", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn messages(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -347,6 +452,21 @@ pub async fn messages(
 }
 
 /// `GET /chat/rooms/:id/presence`: who is online in the room, for its participants.
+#[utoipa::path(
+    get,
+    path = "/chat/rooms/{id}/presence",
+    tag = "rooms",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")),
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "Who is online in the room", body = crate::http::openapi::Online),
+        (status = 400, description = "A malformed id", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn presence(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -360,6 +480,25 @@ pub async fn presence(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/chat/rooms/{id}/messages",
+    tag = "rooms",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")), request_body = PostMessageBody,
+    security(("accessToken" = [])),
+    responses(
+        (status = 201, description = "The message, also delivered to sockets as `message`", body = shared::wire::ChatMessage),
+        (status = 400, description = "Bad content, clientMsgId or body", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
+        (status = 409, description = "The clientMsgId was used for a message with other content", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Over the caller's event rate (shared with their sockets)", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
+        (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn post_message(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,

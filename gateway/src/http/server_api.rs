@@ -43,6 +43,11 @@ impl ServerApi {
         })
     }
 
+    /// The event names accepted.
+    pub fn events(&self) -> &[String] {
+        &self.events
+    }
+
     /// Whether `presented` is the key. Both sides are hashed first, so the comparison takes
     /// the same time whatever prefix of the key a caller guessed.
     fn accepts(&self, presented: &str) -> bool {
@@ -139,13 +144,20 @@ impl FromRequestParts<HttpState> for ServerKey {
     }
 }
 
-#[derive(Deserialize)]
+/// Read as JSON values and checked by hand, for errors that name the field.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PostEventBody {
+    /// One of `SERVER_EVENTS`.
+    #[schema(value_type = String)]
     event: Value,
+    /// Up to 16 KB of JSON, without `roomId` or `seq`.
     #[serde(default)]
+    #[schema(value_type = Option<Object>, nullable = false)]
     data: Option<Value>,
+    /// Makes a retry safe: 1 to 64 characters.
     #[serde(default)]
+    #[schema(value_type = Option<String>, nullable = false)]
     idempotency_key: Option<Value>,
 }
 
@@ -198,6 +210,23 @@ impl PostEventBody {
 /// `POST /server/rooms/:roomId/events`: appends the event to the room's sequence, as a
 /// message is; every member socket gets it as the named event, in order with the messages.
 /// 202 `{roomId, seq}`.
+#[utoipa::path(
+    post,
+    path = "/server/rooms/{id}/events",
+    tag = "server",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")), request_body = PostEventBody,
+    security(("serverApiKey" = [])),
+    responses(
+        (status = 202, description = "In the room's ordered ingest; members get it as the named event", body = crate::http::openapi::Accepted),
+        (status = 400, description = "An event not in SERVER_EVENTS, bad data or idempotencyKey, a malformed id or body", body = crate::http::openapi::ApiError),
+        (status = 401, description = "A missing or wrong SERVER_API_KEY", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such room, or the server API is off (SERVER_API_KEY unset)", body = crate::http::openapi::ApiError),
+        (status = 409, description = "The idempotencyKey was used for another event or data", body = crate::http::openapi::ApiError),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
+        (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn post_event(
     State(state): State<HttpState>,
     _key: ServerKey,

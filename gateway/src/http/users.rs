@@ -17,6 +17,21 @@ pub struct ByEmail {
 }
 
 /// `GET /users?email=<address>`: the user with that e-mail (case-insensitive), or 404.
+#[utoipa::path(
+    get,
+    path = "/users",
+    tag = "users",
+    params(("email" = String, Query, description = "An e-mail address, matched case-insensitively")),
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "The user", body = shared::store::User),
+        (status = 400, description = "A missing or invalid e-mail", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such user", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Past USER_LOOKUPS_PER_USER lookups in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn find(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
@@ -39,11 +54,13 @@ pub async fn find(
 
 /// What `GET /users/:id` shows: the e-mail only to the user and to people who share a room
 /// with them.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Profile {
     #[serde(rename = "_id", with = "shared::wire::oid_hex")]
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     id: ObjectId,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     email: Option<String>,
     #[serde(rename = "displayName")]
     display_name: String,
@@ -54,6 +71,22 @@ pub struct Profile {
 /// `USER_LOOKUPS_PER_USER`, and the e-mail is shown only to people who share a room with
 /// the user. (The names of roommates, which the chat page looks up for typing notices, are
 /// not counted: the caller knows them already.)
+#[utoipa::path(
+    get,
+    path = "/users/{id}",
+    operation_id = "getUser",
+    tag = "users",
+    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "User id, 24 hex digits")),
+    security(("accessToken" = [])),
+    responses(
+        (status = 200, description = "The profile; the e-mail only for the caller and their roommates", body = Profile),
+        (status = 400, description = "A malformed id", body = crate::http::openapi::ApiError),
+        (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
+        (status = 404, description = "No such user", body = crate::http::openapi::ApiError),
+        (status = 429, description = "Past USER_LOOKUPS_PER_USER lookups in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+    )
+)]
 pub async fn get(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
