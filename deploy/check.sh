@@ -54,7 +54,7 @@ step "Prometheus Operator resources"
 
 step "yamllint"
 "$tools/yamllint" -c deploy/yamllint.yml "$out/default.yaml" "$out/production.yaml" \
-  deploy/docker-compose.yml deploy/ci-values.yaml deploy/yamllint.yml \
+  deploy/docker-compose.yml deploy/compose.standins.yml deploy/ci-values.yaml deploy/yamllint.yml \
   k8s/chat/Chart.yaml k8s/chat/values.yaml k8s/chat/files/alerts.yml deploy/prometheus/alerts.test.yml
 
 step "checkov (kubernetes, dockerfile)"
@@ -62,10 +62,12 @@ step "checkov (kubernetes, dockerfile)"
 "$tools/checkov" --quiet --compact --framework dockerfile -f deploy/Dockerfile
 
 step "hadolint"
-"$tools/hadolint" deploy/Dockerfile
+"$tools/hadolint" deploy/Dockerfile deploy/standins/*.Containerfile
 
 step "docker compose config -q"
 JWT_SECRET=check "$tools/docker-compose" -f deploy/docker-compose.yml config -q
+JWT_SECRET=check SERVER_API_KEY=check "$tools/docker-compose" -f deploy/docker-compose.yml \
+  -f deploy/compose.standins.yml config -q
 
 step "promtool: alerting rules"
 promtool check rules k8s/chat/files/alerts.yml

@@ -11,12 +11,16 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "dependencies"
 # Debian packages: Redis for the integration tests, Chromium for the chat page's browser
-# test, HAProxy for the load-balancer test, promtool (package prometheus) for the deploy checks.
+# test, HAProxy for the load-balancer test, promtool (package prometheus) for the deploy checks,
+# podman, runc and mmdebstrap for the container images (deploy/images.sh).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+for tool in podman runc mmdebstrap; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   sudo_=(); [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
@@ -124,6 +128,10 @@ step "JavaScript suite (official socket.io-client, also embedded and on a Redis 
 step "Python suite (official python-socketio), both modes"
 .venv/bin/python -m unittest discover -s tests/python -v
 CHAT_MODE=embedded .venv/bin/python -m unittest discover -s tests/python -v
+
+step "container images: deploy/Dockerfile's runtime stages on local stand-in bases (from this run's binaries), the compose topology on podman, the socket.io-client suite through its HAProxy"
+bash deploy/images.sh runtime target/debug
+bash deploy/images.sh compose
 
 step "deploy checks (Helm chart, Dockerfile, compose, alerts, live metrics)"
 deploy/check.sh

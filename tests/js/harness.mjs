@@ -94,7 +94,14 @@ async function startCluster(start, dirs) {
   return `redis-cluster://127.0.0.1:${ports[0]}?node=127.0.0.1:${ports[1]}&node=127.0.0.1:${ports[2]}`;
 }
 
+/** With `CHAT_URL` (a running deployment, such as the compose topology of
+ * deploy/images.sh behind its HAProxy), that address stands for both gateways and nothing
+ * is started. */
 export async function startTopology() {
+  if (process.env.CHAT_URL) {
+    const g = { url: process.env.CHAT_URL.replace(/\/$/, '') };
+    return { gateways: [g, g], async stop() {} };
+  }
   const children = [];
   const start = (name, cmd, args, env = {}) => {
     const child = spawn(cmd, args, {
