@@ -32,7 +32,14 @@ need() {
   echo "installing ${missing[*]}"
   local sudo_=(); [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
   "${sudo_[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+  "${sudo_[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Tools that are not installed here, with what to do.
+require() {
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "$tool is needed: install it first"; exit 1; }
+  done
 }
 
 build() { "${podman_[@]}" build --network host "$@"; }
@@ -47,14 +54,18 @@ standins() {
     mmdebstrap --variant=minbase --quiet --include=ca-certificates \
       --customize-hook='copy-in /usr/local/share/ca-certificates /usr/local/share' \
       --customize-hook='chroot "$1" update-ca-certificates' \
-      bookworm "$tar"
+      bookworm "$tar" || { rm -f "$tar"; exit 1; }
     "${podman_[@]}" import "$tar" localhost/debian-base:bookworm
     rm -f "$tar"
   fi
   if [ "${1:-}" = rust ]; then
     local rust_version toolchain
     rust_version=$(sed -n 's/^ARG RUST_VERSION=//p' deploy/Dockerfile)
+    require rustc
     toolchain=$(rustc --print sysroot)
+    case "$toolchain" in
+      /usr | /usr/local) echo "rustc is not a rustup toolchain ($toolchain): the stand-in copies a whole toolchain folder"; exit 1 ;;
+    esac
     build -t "docker.io/library/rust:${rust_version}-slim-bookworm" \
       -f deploy/standins/rust.Containerfile "$toolchain"
   fi
@@ -81,6 +92,7 @@ runtime() {
     build --pull=never -f deploy/Dockerfile --target "$binary" --build-context "builder=$context" \
       -t "chat-$binary:local" .
   done
+  rm -rf "$context"
   # Each image answers its own --help, as the non-root user, on the stand-in base.
   for binary in gateway persister; do
     "${podman_[@]}" run --rm --network host "chat-$binary:local" "/usr/local/bin/$binary" --help >/dev/null
@@ -93,6 +105,17 @@ compose() {
   compose_=("$root/.tools/compose-venv/bin/podman-compose" -p chat
     -f deploy/docker-compose.yml -f deploy/compose.standins.yml)
   # 1.6: earlier releases mangle a health check's quoting (`mongosh --eval "…('ping')…"`).
+  require curl npm
+  local image
+  for image in chat-gateway:local chat-persister:local docker.io/library/redis:7.2-alpine \
+    docker.io/library/haproxy:2.8-alpine localhost/secantusdb:0.7.0b3; do
+    # Else compose would pull it from a registry, or build the Dockerfile.
+    "${podman_[@]}" image exists "$image" \
+      || { echo "no image $image: run deploy/images.sh build (or runtime) first"; exit 1; }
+  done
+  if ! cmp -s tests/js/package-lock.json tests/js/node_modules/.installed-lock 2>/dev/null; then
+    (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
+  fi
   local pin=podman-compose==1.6.0
   if [ "$(cat .tools/compose-venv/.pin 2>/dev/null)" != "$pin" ]; then
     python3 -m venv .tools/compose-venv
@@ -105,7 +128,7 @@ compose() {
   export JWT_SECRET; JWT_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
   # The key of the JavaScript suite (tests/js/harness.mjs).
   export SERVER_API_KEY=js-suite-server-api-key-of-32-bytes-or-more
-  trap '"${compose_[@]}" down --volumes >/dev/null 2>&1 || true' EXIT
+  trap '"${compose_[@]}" down --volumes >/dev/null 2>&1 || echo "podman-compose down failed: remove the chat_* containers by hand"' EXIT
   # No --build: the images are the ones `build` or `runtime` made.
   "${compose_[@]}" up -d
   # Health checks run on a timer only under systemd, and `depends_on: service_healthy`
@@ -113,6 +136,7 @@ compose() {
   # must answer).
   local names pending
   names=$("${podman_[@]}" ps --filter label=io.podman.compose.project=chat --format '{{.Names}}' | grep -v _lb_)
+  # 120 rounds: a check that does not answer takes its timeout (3 to 5 s) per round.
   for _ in $(seq 120); do
     pending=()
     for name in $names; do
@@ -125,17 +149,16 @@ compose() {
   "${compose_[@]}" ps
   if [ ${#pending[@]} -ne 0 ]; then
     "${compose_[@]}" logs --tail 30 || true
-    echo "not healthy within 120 s: ${pending[*]}"; exit 1
+    echo "not healthy after 120 rounds of checks: ${pending[*]}"; exit 1
   fi
   echo "healthy: $(echo $names)"
   (cd tests/js && CHAT_URL=http://127.0.0.1:3000 npm run test:contract)
 }
 
-need
 case "${1:-}" in
-  standins) standins ;;
-  build) standins rust; full ;;
-  runtime) standins; runtime "${2:-}" ;;
-  compose) compose ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  standins) need; standins ;;
+  build) need; standins rust; full ;;
+  runtime) need; standins; runtime "${2:-}" ;;
+  compose) need; compose ;;
+  *) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac

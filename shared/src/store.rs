@@ -45,6 +45,7 @@ pub struct Room {
     #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     pub id: ObjectId,
     /// `null` until set.
+    #[schema(required = true)]
     pub name: Option<String>,
     /// The creator: the only one who adds or removes others. Absent on rooms stored before
     /// rooms had owners (their first participant counts as the owner).

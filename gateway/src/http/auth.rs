@@ -130,10 +130,10 @@ fn session(state: &HttpState, user: User) -> Result<Json<Value>, ChatError> {
         (status = 201, description = "Registered: a token and the user", body = crate::http::openapi::Session),
         (status = 400, description = "Invalid e-mail, display name or password (8 to 1,024 characters), or a malformed body", body = crate::http::openapi::ApiError),
         (status = 409, description = "The e-mail has an account (case-insensitive)", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Past REGISTER_MAX_PER_IP registrations from the address in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Past REGISTER_MAX_PER_IP registrations from the address in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
         (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
         (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Too many sign-ins being hashed at once, Redis or the store did not answer, or shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Too many sign-ins being hashed at once, Redis or the store did not answer, or shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn register(
@@ -285,10 +285,10 @@ impl Drop for Counted {
         (status = 200, description = "A token and the user", body = crate::http::openapi::Session),
         (status = 400, description = "A malformed body", body = crate::http::openapi::ApiError),
         (status = 401, description = "Invalid email or password (the same answer for an unknown e-mail)", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Past LOGIN_MAX_FAILURES_PER_IP, or LOGIN_MAX_FAILURES_PER_EMAIL from the address", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Past LOGIN_MAX_FAILURES_PER_IP, or LOGIN_MAX_FAILURES_PER_EMAIL from the address", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
         (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
         (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Too many sign-ins being hashed at once, Redis or the store did not answer, or shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Too many sign-ins being hashed at once, Redis or the store did not answer, or shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn login(
@@ -375,7 +375,7 @@ const LOGIN_SLOWDOWN_MAX: Duration = Duration::from_secs(5);
     responses(
         (status = 200, description = "The caller", body = shared::store::User),
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn me(

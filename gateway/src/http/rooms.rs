@@ -117,10 +117,10 @@ impl PostMessageBody {
         (status = 400, description = "A malformed id or body, or more than MAX_ROOM_PARTICIPANTS participants", body = crate::http::openapi::ApiError),
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
         (status = 404, description = "A participant is not a user", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Past ROOM_CREATIONS_PER_USER or USER_LOOKUPS_PER_USER in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Past ROOM_CREATIONS_PER_USER or USER_LOOKUPS_PER_USER in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
         (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
         (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn create(
@@ -162,13 +162,13 @@ pub async fn create(
     get,
     path = "/chat/rooms",
     tag = "rooms",
-    params(("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 50 by default"), ("before" = Option<String>, Query, description = "The last room of the page before: the next page")),
+    params(("limit" = Option<u32>, Query, minimum = 1, description = "Page size, 50 by default; above 100 counts as 100"), ("before" = Option<String>, Query, description = "The last room of the page before: the next page")),
     security(("accessToken" = [])),
     responses(
         (status = 200, description = "The caller's rooms, most recently active first", body = Vec<shared::store::Room>),
         (status = 400, description = "A bad limit or before, or a repeated parameter", body = crate::http::openapi::ApiError),
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn list(
@@ -219,7 +219,7 @@ fn page_limit(query: &HashMap<String, String>) -> Result<u32, ChatError> {
     path = "/chat/rooms/{id}",
     operation_id = "getRoom",
     tag = "rooms",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")),
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "Room id, 24 hex digits")),
     security(("accessToken" = [])),
     responses(
         (status = 200, description = "The room", body = shared::store::Room),
@@ -227,7 +227,7 @@ fn page_limit(query: &HashMap<String, String>) -> Result<u32, ChatError> {
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
         (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn get(
@@ -243,7 +243,7 @@ pub async fn get(
     post,
     path = "/chat/rooms/{id}/participants",
     tag = "rooms",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")), request_body = AddParticipantBody,
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "Room id, 24 hex digits")), request_body = AddParticipantBody,
     security(("accessToken" = [])),
     responses(
         (status = 200, description = "The room (adding a participant twice changes nothing)", body = shared::store::Room),
@@ -252,10 +252,10 @@ pub async fn get(
         (status = 403, description = "The caller is not the room's owner", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such room or user", body = crate::http::openapi::ApiError),
         (status = 409, description = "The room has MAX_ROOM_PARTICIPANTS participants", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Past USER_LOOKUPS_PER_USER in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Past USER_LOOKUPS_PER_USER in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
         (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
         (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn add_participant(
@@ -321,17 +321,17 @@ async fn announce_room(state: &HttpState, users: Vec<shared::ObjectId>, room: &R
     delete,
     path = "/chat/rooms/{id}/participants/{user_id}",
     tag = "rooms",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits"), ("user_id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "User id, 24 hex digits")),
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "Room id, 24 hex digits"), ("user_id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "User id, 24 hex digits")),
     security(("accessToken" = [])),
     responses(
         (status = 200, description = "The room", body = shared::store::Room),
-        (status = 204, description = "The caller removed themself before: a retry, told to the gateways again"),
+        (status = 204, description = "The caller removed themself and is not a participant (a retry of a removal whose answer was lost): told to the gateways again"),
         (status = 400, description = "A malformed id", body = crate::http::openapi::ApiError),
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
         (status = 403, description = "Not a participant, or removing someone else without being the owner", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Over the caller's join budget", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Over the caller's join budget", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn remove_participant(
@@ -420,7 +420,7 @@ fn page(query: &HashMap<String, String>) -> Result<(u32, Anchor), ChatError> {
     get,
     path = "/chat/rooms/{id}/messages",
     tag = "rooms",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits"), ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size, 50 by default"), ("before" = Option<String>, Query, description = "A message id: older chat messages, newest first"), ("afterSeq" = Option<u64>, Query, description = "Every item with a larger seq, oldest first (server events included)")),
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "Room id, 24 hex digits"), ("limit" = Option<u32>, Query, minimum = 1, description = "Page size, 50 by default; above 100 counts as 100"), ("before" = Option<String>, Query, description = "A message id: older chat messages, newest first"), ("afterSeq" = Option<u64>, Query, description = "Every item with a larger seq, oldest first (server events included)")),
     security(("accessToken" = [])),
     responses(
         (status = 200, description = "Without afterSeq: chat messages, newest first. With afterSeq: every item of the sequence, oldest first", body = Vec<crate::http::openapi::SequenceItem>),
@@ -428,7 +428,7 @@ fn page(query: &HashMap<String, String>) -> Result<(u32, Anchor), ChatError> {
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
         (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn messages(
@@ -456,7 +456,7 @@ pub async fn messages(
     get,
     path = "/chat/rooms/{id}/presence",
     tag = "rooms",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")),
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "Room id, 24 hex digits")),
     security(("accessToken" = [])),
     responses(
         (status = 200, description = "Who is online in the room", body = crate::http::openapi::Online),
@@ -464,7 +464,7 @@ pub async fn messages(
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
         (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn presence(
@@ -484,7 +484,7 @@ pub async fn presence(
     post,
     path = "/chat/rooms/{id}/messages",
     tag = "rooms",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")), request_body = PostMessageBody,
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "Room id, 24 hex digits")), request_body = PostMessageBody,
     security(("accessToken" = [])),
     responses(
         (status = 201, description = "The message, also delivered to sockets as `message`", body = shared::wire::ChatMessage),
@@ -493,10 +493,10 @@ pub async fn presence(
         (status = 403, description = "The caller is not a participant", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such room", body = crate::http::openapi::ApiError),
         (status = 409, description = "The clientMsgId was used for a message with other content", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Over the caller's event rate (shared with their sockets)", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Over the caller's event rate (shared with their sockets)", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
         (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
         (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn post_message(

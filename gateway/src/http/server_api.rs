@@ -214,7 +214,7 @@ impl PostEventBody {
     post,
     path = "/server/rooms/{id}/events",
     tag = "server",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "Room id, 24 hex digits")), request_body = PostEventBody,
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "Room id, 24 hex digits")), request_body = PostEventBody,
     security(("serverApiKey" = [])),
     responses(
         (status = 202, description = "In the room's ordered ingest; members get it as the named event", body = crate::http::openapi::Accepted),
@@ -224,7 +224,7 @@ impl PostEventBody {
         (status = 409, description = "The idempotencyKey was used for another event or data", body = crate::http::openapi::ApiError),
         (status = 408, description = "The body did not arrive within HTTP_BODY_TIMEOUT_SECS", body = crate::http::openapi::ApiError),
         (status = 413, description = "The body is over the route's limit", body = crate::http::openapi::ApiError),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn post_event(

@@ -28,8 +28,8 @@ pub struct ByEmail {
         (status = 400, description = "A missing or invalid e-mail", body = crate::http::openapi::ApiError),
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such user", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Past USER_LOOKUPS_PER_USER lookups in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Past USER_LOOKUPS_PER_USER lookups in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn find(
@@ -76,15 +76,15 @@ pub struct Profile {
     path = "/users/{id}",
     operation_id = "getUser",
     tag = "users",
-    params(("id" = String, Path, pattern = "^[0-9a-f]{24}$", description = "User id, 24 hex digits")),
+    params(("id" = String, Path, pattern = "^[0-9a-fA-F]{24}$", description = "User id, 24 hex digits")),
     security(("accessToken" = [])),
     responses(
         (status = 200, description = "The profile; the e-mail only for the caller and their roommates", body = Profile),
         (status = 400, description = "A malformed id", body = crate::http::openapi::ApiError),
         (status = 401, description = "No valid access token, or its user no longer exists", body = crate::http::openapi::ApiError),
         (status = 404, description = "No such user", body = crate::http::openapi::ApiError),
-        (status = 429, description = "Past USER_LOOKUPS_PER_USER lookups in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
-        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 429, description = "Past USER_LOOKUPS_PER_USER lookups in the window", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
+        (status = 503, description = "Redis or the store did not answer, or the gateway is shutting down", body = crate::http::openapi::ApiError, headers(("Retry-After" = u64, description = "Seconds to wait before trying again (on a 503, only when the gateway knows: a full password-hashing queue)"))),
     )
 )]
 pub async fn get(
