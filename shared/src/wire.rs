@@ -72,11 +72,7 @@ impl ChatMessage {
     pub fn fingerprint(&self) -> String {
         match &self.server_event {
             None => crate::domain::fingerprint(&self.content),
-            Some(e) => crate::domain::fingerprint(&format!(
-                "{}\0{}",
-                e.event,
-                canonical(&serde_json::Value::Object(e.data.clone()))
-            )),
+            Some(e) => crate::domain::fingerprint(&format!("{}\0{}", e.event, canonical(&e.data))),
         }
     }
 
@@ -100,24 +96,10 @@ impl ChatMessage {
 /// JSON text with every object's keys sorted: the same data posted with its keys in another
 /// order is the same data (objects keep their order here: `serde_json`'s `preserve_order` is
 /// on in this build).
-fn canonical(value: &serde_json::Value) -> String {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            let fields: Vec<String> = keys
-                .into_iter()
-                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&map[k])))
-                .collect();
-            format!("{{{}}}", fields.join(","))
-        }
-        Value::Array(items) => {
-            let items: Vec<String> = items.iter().map(canonical).collect();
-            format!("[{}]", items.join(","))
-        }
-        other => other.to_string(),
-    }
+fn canonical(data: &serde_json::Map<String, serde_json::Value>) -> String {
+    let mut value = serde_json::Value::Object(data.clone());
+    value.sort_all_objects();
+    value.to_string()
 }
 
 /// A payload of [`ChatMessage::emitted`].

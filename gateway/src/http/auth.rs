@@ -4,6 +4,7 @@ use crate::address::client_address;
 use crate::error::ChatError;
 use crate::http::HttpState;
 use crate::http::extract::{Authenticated, JsonBody};
+use crate::http::openapi::Session;
 use argon2::Argon2;
 use argon2::password_hash::{
     PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng,
@@ -12,7 +13,6 @@ use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use shared::ObjectId;
 use shared::counters::Counters;
 use shared::domain::{Email, check_new_password, parse_name};
@@ -108,13 +108,16 @@ async fn verify_password(
         .map_err(|super::hashing::Busy| ChatError::busy())
 }
 
-fn session(state: &HttpState, user: User) -> Result<Json<Value>, ChatError> {
+fn session(state: &HttpState, user: User) -> Result<Json<Session>, ChatError> {
     let token = state
         .chat
         .jwt
         .issue(user.id, &user.email, &user.display_name)
         .map_err(|e| ChatError::Internal(format!("signing failed: {e}")))?;
-    Ok(Json(json!({ "accessToken": token, "user": user })))
+    Ok(Json(Session {
+        access_token: token,
+        user,
+    }))
 }
 
 /// Registers a user. Limited per client address (`REGISTER_MAX_PER_IP` attempts per
@@ -141,7 +144,7 @@ pub async fn register(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RegisterBody>,
-) -> Result<(StatusCode, Json<Value>), ChatError> {
+) -> Result<(StatusCode, Json<Session>), ChatError> {
     let ip_key = format!(
         "register:ip:{}",
         client_address(state.login.trusted_proxy_hops, peer, &headers)
@@ -296,7 +299,7 @@ pub async fn login(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<LoginBody>,
-) -> Result<Json<Value>, ChatError> {
+) -> Result<Json<Session>, ChatError> {
     let refused = || ChatError::Unauthorized("invalid email or password".into());
     const REFUSAL: &str = "too many failed logins, try again later";
     let address = client_address(state.login.trusted_proxy_hops, peer, &headers);

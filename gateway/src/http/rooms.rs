@@ -471,13 +471,14 @@ pub async fn presence(
     State(state): State<HttpState>,
     Authenticated(user): Authenticated,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ChatError> {
+) -> Result<Json<crate::http::openapi::Online>, ChatError> {
     let room = parse_object_id("id", &id)?;
     state.chat.room_for(&user.id, room).await?;
     let online = state.chat.online(room).await?;
-    Ok(Json(
-        serde_json::json!({ "roomId": room.to_hex(), "online": online }),
-    ))
+    Ok(Json(crate::http::openapi::Online {
+        room_id: room.to_hex(),
+        online,
+    }))
 }
 
 #[utoipa::path(

@@ -4,6 +4,7 @@
 use crate::error::ChatError;
 use crate::http::HttpState;
 use crate::http::extract::JsonBody;
+use crate::http::openapi::Accepted;
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
@@ -111,8 +112,9 @@ pub fn parse_event_name(raw: &str) -> Result<String, String> {
     Ok(name.to_owned())
 }
 
-/// A request that presented the server API key; 401 otherwise.
-pub struct ServerKey;
+/// A request that presented the server API key (it carries the event names the API
+/// accepts); 401 otherwise.
+pub struct ServerKey(Arc<[String]>);
 
 impl FromRequestParts<HttpState> for ServerKey {
     type Rejection = ChatError;
@@ -126,21 +128,14 @@ impl FromRequestParts<HttpState> for ServerKey {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|h| shared::jwt::bearer(Some(h)));
-        match presented {
-            Some(key) if api.accepts(key) => Ok(ServerKey),
-            Some(_) => {
-                metrics::counter!("chat_gateway_server_events_total", "result" => "unauthorized")
-                    .increment(1);
-                Err(ChatError::Unauthorized("invalid server API key".into()))
-            }
-            None => {
-                metrics::counter!("chat_gateway_server_events_total", "result" => "unauthorized")
-                    .increment(1);
-                Err(ChatError::Unauthorized(
-                    "missing server API key: send Authorization: Bearer <SERVER_API_KEY>".into(),
-                ))
-            }
-        }
+        let refusal = match presented {
+            Some(key) if api.accepts(key) => return Ok(ServerKey(api.events.clone())),
+            Some(_) => "invalid server API key",
+            None => "missing server API key: send Authorization: Bearer <SERVER_API_KEY>",
+        };
+        metrics::counter!("chat_gateway_server_events_total", "result" => "unauthorized")
+            .increment(1);
+        Err(ChatError::Unauthorized(refusal.into()))
     }
 }
 
@@ -229,15 +224,12 @@ impl PostEventBody {
 )]
 pub async fn post_event(
     State(state): State<HttpState>,
-    _key: ServerKey,
+    ServerKey(events): ServerKey,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<PostEventBody>,
-) -> Result<(StatusCode, Json<Value>), ChatError> {
-    let Some(api) = &state.server_api else {
-        return Err(ChatError::NotFound("the server API is off".into()));
-    };
+) -> Result<(StatusCode, Json<Accepted>), ChatError> {
     let room = parse_object_id("roomId", &id)?;
-    let (event, key) = body.validate(&api.events)?;
+    let (event, key) = body.validate(&events)?;
     if state.chat.store.room(room).await?.is_none() {
         return Err(ChatError::NotFound("room not found".into()));
     }
@@ -250,7 +242,11 @@ pub async fn post_event(
     tracing::info!(room_id = %room, event = %name, seq = item.seq, "server event accepted");
     Ok((
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "roomId": room.to_hex(), "seq": item.seq })),
+        Json(Accepted {
+            room_id: room.to_hex(),
+            // Set by every successful append (a new number, or the first one's).
+            seq: item.seq.unwrap_or_default(),
+        }),
     ))
 }
 
