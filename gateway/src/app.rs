@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Bytes of each WebSocket connection's read buffer.
-const WS_READ_BUFFER: usize = 1024;
+const WS_READ_BUFFER: usize = 256;
 /// How long buffered packets get to reach clients before the transports close at shutdown.
 const FLUSH_TIME: Duration = Duration::from_millis(250);
 
@@ -283,7 +283,7 @@ impl Application {
             .ws_max_message_size(usize::try_from(settings.max_payload_bytes).unwrap_or(usize::MAX))
             .ws_max_frame_size(usize::try_from(settings.max_payload_bytes).unwrap_or(usize::MAX))
             // Each connection holds one read buffer; chat frames are small (a larger frame
-            // is read in several chunks). Saves about 3 KB per idle connection.
+            // is read in several chunks). docs/BENCHMARKS.md, "Memory per connection".
             .ws_read_buffer_size(WS_READ_BUFFER)
             .with_state(Arc::new(SocketState {
                 drain: drain_state.clone(),
@@ -325,18 +325,19 @@ impl Application {
         if !settings.no_web_ui {
             api_router = api_router.merge(http::web::router());
         }
-        // Outside the Socket.IO layer, so that it runs first: see `socket::detach_request`.
+        // Outside the Socket.IO layer, so that they run first: the per-address check, then
+        // `socket::detach_request`, which keeps only the headers read after it.
         let slots = socket::AddressSlots::new(
             settings.max_connections_per_address,
             settings.trusted_proxy_hops,
         );
         let api_router = api_router
             .layer(layer)
+            .layer(axum::middleware::map_request(socket::detach_request))
             .layer(axum::middleware::from_fn_with_state(
                 slots,
                 socket::admit_session,
-            ))
-            .layer(axum::middleware::map_request(socket::detach_request));
+            ));
         // Ready means this gateway can take connections and sends: Redis and its room
         // subscriptions. MongoDB is left out on purpose: a MongoDB blip would otherwise turn
         // every gateway unready at once and empty the Service, although sends and live

@@ -9,7 +9,7 @@
 
 use crate::address::client_address;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
+use axum::http::{Extensions, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
@@ -66,6 +66,14 @@ impl AddressSlots {
             slots: self.clone(),
             address,
         })
+    }
+}
+
+/// Moves a handshake's slot from one set of request extensions to another (see
+/// `socket::detach_request`).
+pub(super) fn move_slot(from: &mut Extensions, to: &mut Extensions) {
+    if let Some(slot) = from.remove::<SlotHeld>() {
+        to.insert(slot);
     }
 }
 
