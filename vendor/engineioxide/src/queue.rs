@@ -57,8 +57,13 @@ impl<T> Shared<T> {
         let mut state = self.lock();
         if !state.closed {
             state.closed = true;
+            // The consumer sees the end (`Ready(None)`) at once.
+            let waker = state.waker.take();
             drop(state);
             self.on_close.notify_waiters();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
         }
     }
 }
@@ -89,8 +94,9 @@ pub(crate) struct Sender<T> {
     shared: Arc<Shared<T>>,
 }
 
-/// The consuming side. There is one consumer at a time: the polling request that holds
-/// the socket's `internal_rx` lock, or the WebSocket connection with its own handle.
+/// The consuming side. There is one consumer at a time: whoever holds the socket's
+/// `internal_rx` lock (a polling request, or the WebSocket connection's task, which reads
+/// through its own handle while it holds the lock).
 pub(crate) struct Receiver<T> {
     shared: Arc<Shared<T>>,
 }
@@ -159,6 +165,14 @@ impl<T> Sender<T> {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.lock().closed
+    }
+
+    /// A consumer's handle on this queue, for the WebSocket connection's task; see
+    /// [`Receiver`] for the one-consumer rule.
+    pub(crate) fn receiver(&self) -> Receiver<T> {
+        Receiver {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Waits until the queue is closed.
@@ -241,13 +255,10 @@ impl<T> Receiver<T> {
         Err(TryRecvError::Empty)
     }
 
-    /// A second handle on the same queue, for a consumer that outlives a lock guard (the
-    /// WebSocket connection's task). Dropping a handle does not close the queue: the
-    /// session's end does (`EngineIo::close_session`).
-    pub(crate) fn handle(&self) -> Self {
-        Self {
-            shared: self.shared.clone(),
-        }
+    /// Puts an item back at the front, whatever the capacity: the packet a polling request
+    /// took and could not send, for the WebSocket that follows it.
+    pub(crate) fn push_front(&mut self, item: T) {
+        self.shared.lock().items.push_front(item);
     }
 
     /// Closes the queue: nothing more can be queued; what is queued can still be taken.
@@ -297,6 +308,8 @@ mod tests {
         tx.try_reserve().unwrap().send(2);
         assert!(matches!(tx.try_send(3), Err(TrySendError::Full(3))));
         tx.force_send(3).unwrap();
+        rx.push_front(0);
+        assert_eq!(rx.try_recv(), Ok(0));
         assert_eq!(rx.try_recv(), Ok(1));
         assert_eq!(rx.try_recv(), Ok(2));
         assert_eq!(rx.try_recv(), Ok(3));

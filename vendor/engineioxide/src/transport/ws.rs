@@ -208,11 +208,7 @@ where
         (socket, ws)
     };
 
-    let Some(rx) = queue_handle(&socket).await else {
-        #[cfg(feature = "tracing")]
-        tracing::debug!(sid = %socket.id, "session closed before starting the ws writer");
-        return Ok(None);
-    };
+    let rx = socket.internal_tx.receiver();
 
     // A socket opened over WebSocket keeps its v4 heartbeat in its connection's task. One
     // upgraded from polling keeps the heartbeat task it started with, and so does the v3
@@ -232,26 +228,19 @@ where
         socket,
         ws,
         rx,
-        pending: None,
         unflushed: false,
         beat,
     }))
 }
 
-/// The socket's outgoing queue for the WebSocket, once no polling request holds it: one that
-/// was in progress during the upgrade may still do so (a polling request that comes later
-/// finds the transport upgraded and reads nothing). `None` if the session closes meanwhile.
-async fn queue_handle<D: Default + Send + Sync + 'static>(
-    socket: &Socket<D>,
-) -> Option<Receiver<PacketBuf>> {
-    let internal = socket
-        .cancellation_token
-        .or_closed(socket.internal_rx.lock())
-        .await?;
-    Some(internal.buffered_rx.handle())
-}
-
 /// Runs the connection until it ends, then closes the session.
+///
+/// The task holds the socket's `internal_rx` lock from the start (a polling request that
+/// was in progress during the upgrade may still hold it: the connection waits for it) to
+/// the end, once the WebSocket has written what was queued and is closed: the session's
+/// close waits for the lock before it closes the queue and tells the handler, so that
+/// `Socket::closed` and `on_disconnect` come after the last write, and a second upgrade
+/// of the same session never reads the queue.
 ///
 /// A function returning a block rather than an `async fn`: an `async fn` moves its
 /// argument into a local of its own and keeps room for both.
@@ -260,9 +249,27 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async move {
+        let socket = conn.socket.clone();
+        let lock = socket.internal_rx.lock();
+        let Some(mut internal) = socket.cancellation_token.or_closed(lock).await else {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = %socket.id, "session closed before starting the ws writer");
+            return;
+        };
+        // A packet a polling request peeked and could not send comes first.
+        if let Some(peeked) = internal.peeked_packet.take() {
+            conn.rx.push_front(*peeked);
+        }
+
         let end = conn.run().await;
-        let (engine, socket) = (&conn.engine, &conn.socket);
+        let engine = &conn.engine;
         match end {
+            Err(Error::HeartbeatTimeout) => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(sid = %socket.id, "heartbeat timeout");
+                // As the heartbeat task does: the close packet goes first.
+                socket.close(DisconnectReason::HeartbeatTimeout);
+            }
             Err(ref e) => {
                 let reason =
                     Option::<DisconnectReason>::from(e).unwrap_or(DisconnectReason::TransportError);
@@ -281,6 +288,17 @@ where
                 tracing::debug!(sid = %socket.id, "socket is closing");
             }
         }
+        // What was queued before the end is still written (the close packet of
+        // `Socket::close`), then the WebSocket is closed, within `ping_timeout` for a
+        // client that does not read. Not after a failed read or write: the stream is gone.
+        if !matches!(end, Err(Error::WsTransport(_))) {
+            let timeout = engine.config.ping_timeout;
+            // Boxed: only the end of a connection needs this state.
+            Box::pin(tokio::time::timeout(timeout, conn.shutdown()))
+                .await
+                .ok();
+        }
+        drop(internal);
     }
 }
 
@@ -308,8 +326,6 @@ struct Connection<H: EngineIoHandler, S> {
     ws: WebSocketStream<S>,
     /// The socket's outgoing queue, read only here once the WebSocket runs.
     rx: Receiver<PacketBuf>,
-    /// Taken from the queue, to be written once the WebSocket takes more.
-    pending: Option<PacketBuf>,
     /// Written since the last flush.
     unflushed: bool,
     beat: Option<Heartbeat>,
@@ -319,24 +335,14 @@ impl<H: EngineIoHandler, S> Connection<H, S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// Runs until the client or the server ends the connection; what was queued before the
-    /// end is still written (the close packet of `Socket::close`), then the WebSocket is
-    /// closed, within `ping_timeout` for a client that does not read.
+    /// Runs until the client or the server ends the connection.
     async fn run(&mut self) -> Result<End, Error> {
         let sleep = tokio::time::sleep(self.engine.config.ping_interval);
         tokio::pin!(sleep);
         let socket = self.socket.clone();
         let cancelled = socket.cancellation_token.cancelled();
         tokio::pin!(cancelled);
-        let end = poll_fn(|cx| self.poll(cx, sleep.as_mut(), cancelled.as_mut())).await;
-        if end.is_ok() {
-            let timeout = self.engine.config.ping_timeout;
-            // Boxed: only the end of a connection needs this state.
-            Box::pin(tokio::time::timeout(timeout, self.shutdown()))
-                .await
-                .ok();
-        }
-        end
+        poll_fn(|cx| self.poll(cx, sleep.as_mut(), cancelled.as_mut())).await
     }
 
     fn poll(
@@ -419,26 +425,24 @@ where
         Ok(None)
     }
 
-    /// Writes the queued packets while the WebSocket takes them, then flushes.
+    /// Writes the queued packets while the WebSocket takes them, then flushes. The
+    /// WebSocket is asked first, so a batch is only taken from the queue once it can be
+    /// written (and nothing is held here meanwhile).
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
         loop {
-            if self.pending.is_none() {
-                // `None` once the queue is closed: the session's cancellation follows.
-                self.pending = match self.rx.poll_recv(cx) {
-                    Poll::Ready(packets) => packets,
-                    Poll::Pending => None,
-                };
-            }
-            if self.pending.is_none() {
-                break;
-            }
             match self.ws.poll_ready_unpin(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => return Err(e.into()),
                 Poll::Pending => break,
             }
-            // A batch is written whole: the sink buffers what it accepts once it is ready.
-            for packet in self.pending.take().into_iter().flatten() {
+            // `None` once the queue is closed: the session's cancellation follows.
+            let Poll::Ready(Some(packets)) = self.rx.poll_recv(cx) else {
+                break;
+            };
+            // A batch is written whole after one `poll_ready`: tungstenite buffers every
+            // frame it is given as long as `max_write_buffer_size` is left unlimited (its
+            // default, kept here); with a limit it would refuse frames in mid-batch.
+            for packet in packets {
                 if let Some(msg) = to_message(self.socket.protocol, packet) {
                     self.ws.start_send_unpin(msg)?;
                     self.unflushed = true;
@@ -455,21 +459,19 @@ where
         Ok(())
     }
 
-    /// Writes what is left in the queue, then closes the WebSocket.
+    /// Writes what is left in the queue, then closes the WebSocket. At most a queue's
+    /// capacity of batches: producers may still be queueing until the session's close
+    /// closes the queue, after this.
     async fn shutdown(&mut self) {
         let protocol = self.socket.protocol;
-        let mut left = self
-            .pending
-            .take()
-            .into_iter()
-            .flatten()
-            .collect::<Vec<_>>();
-        while let Ok(packets) = self.rx.try_recv() {
-            left.extend(packets);
-        }
-        for msg in left.into_iter().filter_map(|p| to_message(protocol, p)) {
-            if self.ws.feed(msg).await.is_err() {
-                return;
+        for _ in 0..=self.engine.config.max_buffer_size {
+            let Ok(packets) = self.rx.try_recv() else {
+                break;
+            };
+            for msg in packets.into_iter().filter_map(|p| to_message(protocol, p)) {
+                if self.ws.feed(msg).await.is_err() {
+                    return;
+                }
             }
         }
         self.ws.close(None).await.ok();
@@ -614,6 +616,11 @@ where
     // wait for any current polling connection to finish by waiting for the socket to be unlocked
     // All other polling connection will be immediately closed with a NOOP packet.
     let _lock = socket.internal_rx.lock().await;
+    // Another upgrade of the same session finished first (its task now holds the lock or
+    // waits for it): this one is refused.
+    if socket.is_ws() {
+        return Err(Error::MultipleWebsocketRequests);
+    }
 
     // Fetch the next packet from the ws stream, it should be a PingUpgrade packet
     let msg = match ws.next().await {
@@ -706,22 +713,38 @@ mod tests {
         )
     }
 
+    fn connection(
+        engine: &Arc<EngineIo<StubHandler>>,
+        socket: &Arc<Socket<()>>,
+        ws: WebSocketStream<DuplexStream>,
+        beat: Option<Heartbeat>,
+    ) -> Connection<StubHandler, DuplexStream> {
+        Connection {
+            engine: engine.clone(),
+            socket: socket.clone(),
+            ws,
+            rx: socket.internal_tx.receiver(),
+            unflushed: false,
+            beat,
+        }
+    }
+
     fn spawn_run(
         engine: &Arc<EngineIo<StubHandler>>,
         socket: &Arc<Socket<()>>,
         ws: WebSocketStream<DuplexStream>,
         beat: Option<Heartbeat>,
     ) -> tokio::task::JoinHandle<Result<End, Error>> {
-        let mut conn = Connection {
-            engine: engine.clone(),
-            socket: socket.clone(),
-            ws,
-            rx: socket.internal_rx.try_lock().unwrap().buffered_rx.handle(),
-            pending: None,
-            unflushed: false,
-            beat,
-        };
+        let mut conn = connection(engine, socket, ws, beat);
         tokio::spawn(async move { conn.run().await })
+    }
+
+    fn spawn_serve(
+        engine: &Arc<EngineIo<StubHandler>>,
+        socket: &Arc<Socket<()>>,
+        ws: WebSocketStream<DuplexStream>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(serve(connection(engine, socket, ws, None)))
     }
 
     async fn next_text(client: &mut WebSocketStream<DuplexStream>) -> Message {
@@ -734,51 +757,41 @@ mod tests {
 
     /// A polling request can still hold the lock at the end of an upgrade.
     #[tokio::test]
-    async fn the_queue_is_taken_once_a_polling_request_is_done() {
+    async fn the_writer_waits_for_a_polling_request_to_end() {
         let engine = engine(EngineIoConfig::default());
         let socket = socket(&engine);
+        let (server, mut client) = ws_pair().await;
 
         let polling = socket.internal_rx.lock().await;
-        let waiting = {
-            let socket = socket.clone();
-            tokio::spawn(async move { queue_handle(&socket).await.is_some() })
-        };
+        let task = spawn_serve(&engine, &socket, server);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(
-            !waiting.is_finished(),
-            "the connection should wait for the lock"
-        );
+        assert!(!task.is_finished(), "the writer should wait for the lock");
+
         drop(polling);
-        assert!(
-            tokio::time::timeout(TIMEOUT, waiting)
-                .await
-                .unwrap()
-                .unwrap()
-        );
+        socket.emit(Str::from("hello")).unwrap();
+        assert_eq!(next_text(&mut client).await, Message::text("4hello"));
     }
 
     #[tokio::test]
-    async fn waiting_for_the_queue_stops_with_the_session() {
+    async fn a_writer_waiting_for_the_lock_stops_with_the_session() {
         let engine = engine(EngineIoConfig::default());
         let socket = socket(&engine);
+        let (server, _client) = ws_pair().await;
 
         let _polling = socket.internal_rx.lock().await;
-        let waiting = {
-            let socket = socket.clone();
-            tokio::spawn(async move { queue_handle(&socket).await.is_some() })
-        };
+        let task = spawn_serve(&engine, &socket, server);
         tokio::time::sleep(Duration::from_millis(20)).await;
         socket.cancellation_token.cancel();
-        let taken = tokio::time::timeout(TIMEOUT, waiting)
+        tokio::time::timeout(TIMEOUT, task)
             .await
-            .expect("the connection should stop waiting")
+            .expect("the writer should stop")
             .unwrap();
-        assert!(!taken);
     }
 
     /// The connection's task lives as long as its socket, so its size is a cost per
-    /// connection (docs/BENCHMARKS.md in the gateway's repository has the figures): it was
-    /// 3,966 bytes with the handshake inline, 1,536 with the values an `async` block copies.
+    /// connection: it was 3,966 bytes with the handshake inline, 1,536 with the values an
+    /// `async` block copies. Under 1 KB with tokio's header, the task fits jemalloc's
+    /// 1,024-byte class.
     #[test]
     fn the_connection_task_stays_small() {
         type C = Connection<StubHandler, hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
@@ -786,6 +799,7 @@ mod tests {
             std::mem::size_of::<R>()
         }
         let size = size_of_output(|conn: Option<C>| serve_opened(conn));
+        eprintln!("serve_opened {size}");
         assert!(size <= 1024, "{size} bytes");
     }
 
@@ -795,14 +809,18 @@ mod tests {
         let engine = engine(EngineIoConfig::default());
         let socket = socket(&engine);
         let (server, mut client) = ws_pair().await;
-        let task = spawn_run(&engine, &socket, server, None);
+        let task = spawn_serve(&engine, &socket, server);
 
         socket.emit(Str::from("a")).unwrap();
         socket.close(DisconnectReason::ClosingServer);
         assert_eq!(next_text(&mut client).await, Message::text("4a"));
         assert_eq!(next_text(&mut client).await, Message::text("1"));
         assert!(matches!(next_text(&mut client).await, Message::Close(_)));
-        assert_eq!(task.await.unwrap().unwrap(), End::Cancelled);
+        tokio::time::timeout(TIMEOUT, task).await.unwrap().unwrap();
+        // The session's close waited for the writer: the queue is closed now.
+        tokio::time::timeout(TIMEOUT, socket.closed())
+            .await
+            .unwrap();
     }
 
     /// The heartbeat in the connection's task: pings every interval while pongs come back,
@@ -864,8 +882,7 @@ mod tests {
             engine: engine.clone(),
             socket: socket.clone(),
             ws: server,
-            rx: socket.internal_rx.try_lock().unwrap().buffered_rx.handle(),
-            pending: None,
+            rx: socket.internal_tx.receiver(),
             unflushed: false,
             beat: None,
         };
