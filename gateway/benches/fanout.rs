@@ -8,7 +8,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use gateway::fanout_bench::{
-    NAMESPACE, RoomSockets, emit_to_room, emit_typing, join, room_key, user_key,
+    NAMESPACE, RoomSockets, add_user_socket, emit_to_room, emit_typing, join, room_key,
 };
 use shared::ObjectId;
 use shared::wire::{ChatMessage, Sender, UserTyping, now_millis};
@@ -19,7 +19,7 @@ use tokio::sync::mpsc::Receiver;
 /// The gateway's per-socket buffer (`SOCKET_BUFFER_SIZE`'s default).
 const SOCKET_BUFFER: usize = 1024;
 
-/// A server whose `/chat` sockets all join `room` (and their own user's room, as the
+/// A server whose `/chat` sockets all join `room` (and count as their own user's, as the
 /// gateway's do), and `members` sockets connected to it.
 async fn server(room: ObjectId, members: usize) -> (SocketIo, Vec<Receiver<engineioxide::Packet>>) {
     let (_layer, io) = SocketIo::builder()
@@ -27,7 +27,7 @@ async fn server(room: ObjectId, members: usize) -> (SocketIo, Vec<Receiver<engin
         .build_layer();
     io.ns(NAMESPACE, move |s: SocketRef| async move {
         join(&s, room_key(&room));
-        join(&s, user_key(&ObjectId::new()));
+        add_user_socket(ObjectId::new(), s.id);
     });
     let mut receivers = Vec::with_capacity(members);
     for _ in 0..members {

@@ -12,8 +12,10 @@ use shared::ObjectId;
 use shared::wire::{ChatMessage, PresenceChange, RoomAdded, UserTyping};
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
+use socketioxide::socket::Sid;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, LazyLock, Mutex as StdMutex};
 
 /// The Socket.IO namespace of the chat.
 pub const NAMESPACE: &str = "/chat";
@@ -23,9 +25,50 @@ pub fn room_key(room: &ObjectId) -> String {
     room.to_hex()
 }
 
-/// The local Socket.IO room holding every socket of one user.
-pub fn user_key(user: &ObjectId) -> String {
-    format!("user:{}", user.to_hex())
+/// The local sockets of each connected user, for what is addressed to a user rather than
+/// to a room: `room_added`, a participant's removal, the typist's own sockets. One small
+/// entry per socket: a Socket.IO room per user cost about 480 bytes per connection in
+/// socketioxide's adapter (docs/BENCHMARKS.md, "Memory per connection"). Shared by the
+/// gateways of one process (tests run several): a socket id is looked up in the caller's
+/// own namespace, so another gateway's sockets are passed over.
+static USER_SOCKETS: LazyLock<StdMutex<HashMap<ObjectId, Vec<Sid>>>> =
+    LazyLock::new(Default::default);
+
+fn user_sockets_map() -> std::sync::MutexGuard<'static, HashMap<ObjectId, Vec<Sid>>> {
+    USER_SOCKETS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts a socket as one of its user's (at connect).
+pub fn add_user_socket(user: ObjectId, socket: Sid) {
+    user_sockets_map().entry(user).or_default().push(socket);
+}
+
+/// A socket is no longer addressed as one of its user's (a disconnect, a slow consumer
+/// cut off). Idempotent.
+pub fn remove_user_socket(user: &ObjectId, socket: Sid) {
+    let mut map = user_sockets_map();
+    if let Some(sockets) = map.get_mut(user) {
+        sockets.retain(|s| *s != socket);
+        if sockets.is_empty() {
+            map.remove(user);
+        }
+    }
+}
+
+/// The ids of a user's sockets, on every gateway of this process.
+fn user_socket_ids(user: &ObjectId) -> Vec<Sid> {
+    user_sockets_map().get(user).cloned().unwrap_or_default()
+}
+
+/// A user's sockets on this gateway.
+pub fn user_sockets(io: &SocketIo, user: &ObjectId) -> Vec<SocketRef> {
+    let Some(ns) = io.of(NAMESPACE) else {
+        return Vec::new();
+    };
+    user_socket_ids(user)
+        .into_iter()
+        .filter_map(|sid| ns.get_socket(sid))
+        .collect()
 }
 
 /// Counts the changes to the local rooms' membership (a socket joining or leaving a room, a
@@ -46,9 +89,12 @@ pub fn leave(socket: &SocketRef, key: String) {
     membership_changed();
 }
 
-/// Takes a socket out of every local Socket.IO room.
+/// Takes a socket out of every local Socket.IO room, and out of its user's sockets.
 pub fn leave_all(socket: &SocketRef) {
     socket.leave_all();
+    if let Some(session) = socket.extensions.get::<Arc<Session>>() {
+        remove_user_socket(&session.user.id, socket.id);
+    }
     membership_changed();
 }
 
@@ -146,13 +192,7 @@ pub fn emit_to_room(io: &SocketIo, sockets: &RoomSockets, message: &ChatMessage)
 
 /// Emits `user_typing` to every local socket of the room but the typing user's own.
 pub fn emit_typing(io: &SocketIo, sockets: &RoomSockets, typing: &UserTyping) {
-    let Some(ns) = io.of(NAMESPACE) else { return };
-    let typist: Vec<_> = ns
-        .to(user_key(&typing.user_id))
-        .sockets()
-        .iter()
-        .map(|s| s.id)
-        .collect();
+    let typist = user_socket_ids(&typing.user_id);
     let room = sockets.get(io);
     let others = room.iter().filter(|s| !typist.contains(&s.id));
     emit_serialised(others, "user_typing", typing);
@@ -160,11 +200,10 @@ pub fn emit_typing(io: &SocketIo, sockets: &RoomSockets, typing: &UserTyping) {
 
 /// Emits `room_added {room}` to every local socket of the users given the room.
 pub fn emit_room_added(io: &SocketIo, added: &RoomAdded) {
-    let Some(ns) = io.of(NAMESPACE) else { return };
     let sockets: Vec<SocketRef> = added
         .user_ids
         .iter()
-        .flat_map(|user| ns.clone().to(user_key(user)).sockets())
+        .flat_map(|user| user_sockets(io, user))
         .collect();
     emit_serialised(
         sockets.iter(),

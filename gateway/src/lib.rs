@@ -36,6 +36,6 @@ pub use settings::{Mode, Settings};
 #[doc(hidden)]
 pub mod fanout_bench {
     pub use crate::delivery::{
-        NAMESPACE, RoomSockets, emit_to_room, emit_typing, join, room_key, user_key,
+        NAMESPACE, RoomSockets, add_user_socket, emit_to_room, emit_typing, join, room_key,
     };
 }

@@ -6,7 +6,7 @@
 //! rooms. [`Fanout`] routes what the backplane delivers: messages to the room's feed,
 //! typing notices straight to the room's sockets, removals to the removed user's sockets.
 
-use crate::delivery::{self, NAMESPACE, emit_presence, emit_typing, user_key};
+use crate::delivery::{self, emit_presence, emit_typing};
 use crate::error::ChatError;
 use crate::feed::{FeedContext, FeedHandle, FeedLimits};
 use crate::socket::session::Session;
@@ -267,8 +267,7 @@ impl Fanout {
     /// user was allowed in it (so `send_message` and `typing` ask the store again). The
     /// room's feed does the same on its own when this notice is lost (`membersVersion`).
     fn remove_member(&self, io: &SocketIo, removed: &MemberRemoved) {
-        let Some(ns) = io.of(NAMESPACE) else { return };
-        for socket in ns.to(user_key(&removed.user_id)).sockets() {
+        for socket in delivery::user_sockets(io, &removed.user_id) {
             if let Some(session) = socket.extensions.get::<Arc<Session>>() {
                 session.forget(&removed.room_id);
             }
@@ -311,6 +310,7 @@ impl Fanout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::NAMESPACE;
     use crate::delivery::room_key;
     use crate::feed::{Join, Replayed};
     use crate::testing::{ProbedStore, numbered, server};
@@ -434,7 +434,7 @@ mod tests {
         let registry = registry(store, &io, 1);
         let (user, room) = (ObjectId::new(), ObjectId::new());
         let (socket, _rx) = connect(&io, user).await;
-        crate::delivery::join(&socket, crate::delivery::user_key(&user));
+        crate::delivery::add_user_socket(user, socket.id);
         join(&registry, &socket, room, 0).await.unwrap();
         // Fill the socket's buffer: its reader takes nothing.
         let mut full = 0;

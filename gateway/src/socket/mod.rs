@@ -11,7 +11,7 @@ mod per_address;
 pub(crate) mod session;
 
 use crate::chat::Chat;
-use crate::delivery::{self, user_key};
+use crate::delivery;
 use crate::drain::Drain;
 use crate::error::ChatError;
 use crate::feed::{Join, JoinAnswer};
@@ -157,7 +157,7 @@ async fn authenticate(
     });
     match result {
         Ok(user) => {
-            delivery::join(&s, user_key(&user.id));
+            delivery::add_user_socket(user.id, s.id);
             tracing::debug!(socket = %s.id, user_id = %user.id, "connected");
             let session = Arc::new(
                 Session::new(
@@ -234,6 +234,7 @@ async fn on_disconnect(
         .increment(1);
     if let Some(session) = s.extensions.get::<Arc<Session>>() {
         tracing::debug!(socket = %s.id, user_id = %session.user.id, %reason, "disconnected");
+        delivery::remove_user_socket(&session.user.id, s.id);
         state.expiries.remove(session.user.exp, s.id);
         state.connections.remove(session.user.id);
         for room in session.close() {

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
 /// What the rate limiter says about one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +38,8 @@ pub struct Session {
     membership_ttl: Duration,
     /// Completion signal of the previous event; the next event waits for it.
     previous: Mutex<Option<oneshot::Receiver<()>>>,
-    /// Cancelled when the socket disconnects; ends the socket's background tasks.
-    pub closed: CancellationToken,
+    /// Set when the socket disconnects; ends the socket's background tasks.
+    pub closed: Closed,
     limits: Arc<Limits>,
     /// Events refused in a row by the rate limits.
     refused_in_a_row: AtomicU32,
@@ -58,6 +57,41 @@ pub struct Session {
 
 /// How long a finding that the socket's user exists is trusted.
 const USER_RECHECK: Duration = Duration::from_secs(1);
+
+/// A session's end, for the tasks that wait on it: a flag and a `Notify` inside the
+/// session, where a `CancellationToken` allocated a 224-byte node of a token tree per socket
+/// (docs/BENCHMARKS.md, "Memory per connection").
+#[derive(Default)]
+pub struct Closed {
+    set: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Closed {
+    pub fn cancel(&self) {
+        if !self.set.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the session is closed.
+    pub async fn cancelled(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a close between the two is not missed.
+            notified.as_mut().enable();
+            if self.is_cancelled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
 
 #[derive(Default)]
 struct Rooms {
@@ -83,7 +117,7 @@ impl Session {
             verified: Mutex::default(),
             membership_ttl,
             previous: Mutex::new(None),
-            closed: CancellationToken::new(),
+            closed: Closed::default(),
             limits,
             refused_in_a_row: AtomicU32::new(0),
             kick: Default::default(),
@@ -404,5 +438,26 @@ impl<A: Adapter, K: EventKind> FromMessageParts<A> for Turn<K> {
             _done: done,
             _kind: PhantomData,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Closed;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_close_releases_waiters_before_and_after_it() {
+        let closed = Arc::new(Closed::default());
+        let waiter = tokio::spawn({
+            let closed = closed.clone();
+            async move { closed.cancelled().await }
+        });
+        tokio::task::yield_now().await;
+        closed.cancel();
+        closed.cancel();
+        waiter.await.unwrap();
+        closed.cancelled().await;
+        assert!(closed.is_cancelled());
     }
 }
