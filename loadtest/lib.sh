@@ -1,7 +1,8 @@
-# Helpers of loadtest/bench.sh and loadtest/ab.sh: processes pinned to cores and stopped by
-# PID, free ports, and this project's topology (Redis, SecantusDB, a persister, two
-# gateways). Sourced from the repository's root; BIN_DIR (default target/release) holds the
-# gateway and persister binaries to run, SERVER_CPU, STORE_CPU and LOAD_CPU the cores.
+# Helpers of loadtest/bench.sh, ab.sh, memory.sh and scale.sh: processes pinned to cores and
+# stopped by PID, free ports, and this project's topology (Redis, SecantusDB, a persister,
+# GATEWAYS gateways, default 2). Sourced from the repository's root; BIN_DIR (default
+# target/release) holds the gateway and persister binaries to run, SERVER_CPU, STORE_CPU and
+# LOAD_CPU the cores.
 BIN_DIR=${BIN_DIR:-target/release}
 SERVER_CPU=${SERVER_CPU:-0}
 STORE_CPU=${STORE_CPU:-$SERVER_CPU}
@@ -73,7 +74,7 @@ start_ours() {
   # Bound before the next free port is picked, or a gateway could be handed the same one.
   wait_http "http://127.0.0.1:$p_admin/healthz"
   urls=() metrics=() gw_pids=()
-  for _ in 1 2; do
+  for _ in $(seq "${GATEWAYS:-2}"); do
     port=$(free_port) admin=$(free_port)
     # Load runs send far above the per-connection rate limit meant for people. One tokio
     # worker per gateway: each has one core here, as each Node process has one thread.

@@ -7,6 +7,7 @@ mod chaos;
 mod client;
 mod plot;
 mod report;
+mod scale;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -81,6 +82,12 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         senders: usize,
     },
+    /// More connections than one process may hold: child processes (parts) hold them over
+    /// several gateways, then every room's message must reach every member once.
+    Scale(scale::ScaleArgs),
+    /// One part of `scale` (the scenario starts these itself).
+    #[command(hide = true)]
+    ScalePart(scale::PartArgs),
     /// Steady fan-out with churn: members keep disconnecting and reconnecting.
     Soak {
         #[arg(long, default_value_t = 20)]
@@ -146,6 +153,9 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Scenario::ScalePart(args) = &cli.scenario {
+        return scale::part(&cli.target, args).await;
+    }
     let before = report::scrape(&cli.observe.metrics).await;
     let procs_before = report::procs(&cli.observe.pids);
     let started = Instant::now();
@@ -203,7 +213,8 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?
         }
-        Scenario::Chaos(_) => unreachable!("run above"),
+        Scenario::Scale(args) => scale::run(&cli.target, &cli.observe.pids, args).await?,
+        Scenario::Chaos(_) | Scenario::ScalePart(_) => unreachable!("run above"),
         Scenario::Latency {
             rooms,
             rate,
