@@ -7,7 +7,8 @@
 #   promtool check rules / test rules, and promtool check metrics on a live scrape of the
 #   gateway and the persister
 # Tools are installed once into .tools/venv and deploy/node_modules (re-installed when their
-# lists change); promtool comes from Debian's `prometheus` package.
+# lists change); promtool comes from Debian's `prometheus` package. `deploy/check.sh tools`
+# only installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -16,20 +17,25 @@ mkdir -p "$out"
 
 step() { printf '\n--> %s\n' "$*"; }
 
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "installing promtool (Debian package prometheus)"
-  if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null
-  else sudo apt-get update -qq && sudo apt-get install -y -qq prometheus >/dev/null; fi
-fi
-if [ ! -x .tools/venv/bin/checkov ] || ! cmp -s deploy/requirements.txt .tools/venv/.requirements 2>/dev/null; then
-  echo "installing the check tools into .tools/venv"
-  python3 -m venv .tools/venv
-  .tools/venv/bin/pip install -q --disable-pip-version-check -r deploy/requirements.txt
-  cp deploy/requirements.txt .tools/venv/.requirements
-fi
-if ! cmp -s deploy/package-lock.json deploy/node_modules/.installed-lock 2>/dev/null; then
-  (cd deploy && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
-fi
+install_tools() {
+  if ! command -v promtool >/dev/null 2>&1; then
+    echo "installing promtool (Debian package prometheus)"
+    if [ "$(id -u)" -eq 0 ]; then apt-get update -qq && apt-get install -y -qq prometheus >/dev/null
+    else sudo apt-get update -qq && sudo apt-get install -y -qq prometheus >/dev/null; fi
+  fi
+  if [ ! -x .tools/venv/bin/checkov ] || ! cmp -s deploy/requirements.txt .tools/venv/.requirements 2>/dev/null; then
+    echo "installing the check tools into .tools/venv"
+    python3 -m venv .tools/venv
+    .tools/venv/bin/pip install -q --disable-pip-version-check -r deploy/requirements.txt
+    cp deploy/requirements.txt .tools/venv/.requirements
+  fi
+  if ! cmp -s deploy/package-lock.json deploy/node_modules/.installed-lock 2>/dev/null; then
+    (cd deploy && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
+  fi
+}
+install_tools
+# `deploy/check.sh tools`: only the installs (the test command runs them while it compiles).
+[ "${1:-}" = tools ] && exit 0
 tools=.tools/venv/bin
 export BC_SKIP_MAPPING=TRUE # checkov: no network
 
@@ -74,7 +80,9 @@ promtool check rules k8s/chat/files/alerts.yml
 promtool test rules deploy/prometheus/alerts.test.yml
 
 step "promtool check metrics (live scrape of a gateway and a persister)"
-cargo build --locked -q -p gateway -p persister
+# `--bin`, not `-p`: the workspace's features, so a workspace build's artefacts are reused.
+# The test command has built them already (CHAT_BINARIES_BUILT=1).
+[ -n "${CHAT_BINARIES_BUILT:-}" ] || cargo build --locked -q --bin gateway --bin persister
 scratch=$(mktemp -d)
 pids=()
 cleanup() {

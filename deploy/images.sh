@@ -5,6 +5,9 @@
 #
 #   deploy/images.sh standins   Debian bookworm (mmdebstrap) imported into podman, and the
 #                               stand-ins built on it (deploy/standins/*.Containerfile)
+#   deploy/images.sh prepare    the stand-ins and podman-compose: what `runtime` and
+#                               `compose` need, fetched ahead (the test command does it while
+#                               it compiles)
 #   deploy/images.sh build      the full build of deploy/Dockerfile: both images from source
 #   deploy/images.sh runtime [DIR]
 #                               only the runtime stages, from the binaries in DIR
@@ -100,6 +103,16 @@ runtime() {
   done
 }
 
+# podman-compose, in its own venv.
+compose_tools() {
+  local pin=podman-compose==1.6.0
+  if [ "$(cat .tools/compose-venv/.pin 2>/dev/null)" != "$pin" ]; then
+    python3 -m venv .tools/compose-venv
+    .tools/compose-venv/bin/pip install -q --disable-pip-version-check "$pin"
+    echo "$pin" > .tools/compose-venv/.pin
+  fi
+}
+
 compose() {
   # Not local: the EXIT trap below runs after the function has returned.
   compose_=("$root/.tools/compose-venv/bin/podman-compose" -p chat
@@ -116,12 +129,7 @@ compose() {
   if ! cmp -s tests/js/package-lock.json tests/js/node_modules/.installed-lock 2>/dev/null; then
     (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
   fi
-  local pin=podman-compose==1.6.0
-  if [ "$(cat .tools/compose-venv/.pin 2>/dev/null)" != "$pin" ]; then
-    python3 -m venv .tools/compose-venv
-    .tools/compose-venv/bin/pip install -q --disable-pip-version-check "$pin"
-    echo "$pin" > .tools/compose-venv/.pin
-  fi
+  compose_tools
   if (exec 3<>/dev/tcp/127.0.0.1/3000) 2>/dev/null; then
     echo "port 3000 is taken: the compose file publishes HAProxy there"; exit 1
   fi
@@ -157,6 +165,7 @@ compose() {
 
 case "${1:-}" in
   standins) need; standins ;;
+  prepare) need; standins; compose_tools ;;
   build) need; standins rust; full ;;
   runtime) need; standins; runtime "${2:-}" ;;
   compose) need; compose ;;
