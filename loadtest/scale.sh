@@ -51,7 +51,8 @@ print(f"{r['connected']} of {r['connections']} connected ({r['failed']} failed) 
       f"{r['gateways']} gateways in {r['connect_seconds']:.1f} s ({r['connects_per_second']:.0f}/s)")
 for g in r["gateways_rss"]:
     print(f"  gateway {g['pid']}: RSS {g['rss_before_bytes'] / 1e6:.1f} -> {g['rss_bytes'] / 1e6:.1f} MB")
-print(f"gateways' RSS growth: {r['rss_bytes_per_connection']:.0f} B per connection")
+print(f"gateways' RSS growth: {r['rss_bytes_per_connection']:.0f} B per connection when connected, "
+      f"{r['rss_bytes_per_connection_after_rounds']:.0f} B after the rounds")
 k0, k1 = r["kernel_tcp_before"], r["kernel_tcp_after"]
 print(f"kernel TCP: {k1['inuse'] - k0['inuse']} more sockets in use, "
       f"{(k1['mem_bytes'] - k0['mem_bytes']) / 1e6:.1f} MB more socket memory")

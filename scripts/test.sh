@@ -26,14 +26,20 @@ declare -A job_pid=() job_start=()
 failed=()
 spawn() {
   local name=$1; shift
-  ( set -euo pipefail; "$@" ) > "$logs/$name.log" 2>&1 &
+  (
+    status=0
+    ( set -euo pipefail; "$@" ) > "$logs/$name.log" 2>&1 || status=$?
+    echo "$SECONDS" > "$logs/$name.end"
+    exit "$status"
+  ) &
   job_pid[$name]=$! job_start[$name]=$SECONDS
 }
 report() {
-  local name=$1 status=$2
-  printf '\n==> [%4ds] %s: %s after %ds\n' "$SECONDS" "$name" \
+  local name=$1 status=$2 end
+  end=$(cat "$logs/$name.end" 2>/dev/null || echo "$SECONDS")
+  printf '\n==> [%4ds] %s: %s, %ds from %ds to %ds\n' "$SECONDS" "$name" \
     "$([ "$status" -eq 0 ] && echo passed || echo "FAILED (exit $status)")" \
-    "$((SECONDS - job_start[$name]))"
+    "$((end - job_start[$name]))" "${job_start[$name]}" "$end"
   cat "$logs/$name.log"
   [ "$status" -eq 0 ] || failed+=("$name")
 }
@@ -94,6 +100,7 @@ install_packages() {
     local sudo_=(); [ "$(id -u)" -eq 0 ] || sudo_=(sudo)
     "${sudo_[@]}" apt-get update -qq
     DEBIAN_FRONTEND=noninteractive "${sudo_[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+    echo "[${SECONDS}s] apt done"
   fi
   local requirements=tests/python/requirements.txt
   if [ ! -x .venv/bin/secantusd-py ] || ! cmp -s "$requirements" .venv/.requirements 2>/dev/null; then
@@ -101,13 +108,16 @@ install_packages() {
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check --pre -r "$requirements"
     cp "$requirements" .venv/.requirements
+    echo "[${SECONDS}s] .venv done"
   fi
   if ! cmp -s tests/js/package-lock.json tests/js/node_modules/.installed-lock 2>/dev/null; then
     echo "installing JavaScript test packages"
     (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock)
   fi
   deploy/check.sh tools
+  echo "[${SECONDS}s] npm and the deploy check tools done"
   bash deploy/images.sh prepare
+  echo "[${SECONDS}s] container stand-ins done"
 }
 install_cargo_tools() {
   # Built from crates.io, as nothing else ships them here. Their speed matters little (a few
@@ -119,6 +129,7 @@ install_cargo_tools() {
       CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_LTO=false \
         CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_DEBUG=false \
         cargo install --locked --quiet "$tool"
+      echo "[${SECONDS}s] $tool installed"
     fi
   done
 }
@@ -206,11 +217,16 @@ finish packages
 check_failed
 
 step "unit and integration tests (real Redis and SecantusDB), two binaries at a time"
-# The longest (tests/gaps.rs) first, so that the last to end is a short one.
+# The longest first (as measured: tests/gaps.rs takes about 90 s, rest and socket 40 s,
+# cluster and faults 30 s), so that the last to end is a short one.
+longest=(gaps rest socket cluster faults presence ingest)
 tests=()
+for name in "${longest[@]}"; do
+  read -r dir exe < <(awk -v n="$name" '$2 == "test" && $3 == n { print $1, $4 }' "$logs/tests.tsv")
+  tests+=("test-$name=run_exe $dir $exe")
+done
 while read -r dir kind name exe; do
-  entry="test-$kind-$name=run_exe $dir $exe"
-  if [ "$kind $name" = "test gaps" ]; then tests=("$entry" "${tests[@]}"); else tests+=("$entry"); fi
+  [[ $kind == test && " ${longest[*]} " == *" $name "* ]] || tests+=("test-$kind-$name=run_exe $dir $exe")
 done < "$logs/tests.tsv"
 pool 2 "${tests[@]}"
 check_failed

@@ -321,6 +321,23 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
             "latency_ms": { "p50": ms(0.5), "p99": ms(0.99), "max": histogram.max() as f64 / 1000.0 },
         }));
     }
+    // Memory after the bursts: the sockets' queues and write buffers they grew.
+    let gateways_busy = crate::report::procs(pids);
+    let busy_growth: i64 = gateways_busy
+        .iter()
+        .map(|(pid, now)| {
+            let before = gateways_before
+                .iter()
+                .find(|(p, _)| p == pid)
+                .map_or(0, |(_, b)| b.rss_bytes);
+            now.rss_bytes as i64 - before as i64
+        })
+        .sum();
+    let busy_per_connection = busy_growth as f64 / connected.max(1) as f64;
+    eprintln!(
+        "scale: after the rounds the gateways' RSS had grown {:.1} MB, {busy_per_connection:.0} B per connection",
+        busy_growth as f64 / 1e6
+    );
     // Then a quiet while: a duplicate may come late.
     let (mut duplicates, mut out_of_order) = (0u64, 0u64);
     for part in &mut parts {
@@ -355,6 +372,8 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
         "connect_seconds": connect_seconds, "connects_per_second": connected as f64 / connect_seconds,
         "gateways_rss": gateways, "gateways_rss_growth_bytes": growth,
         "rss_bytes_per_connection": per_connection,
+        "rss_after_rounds_bytes": gateways_busy.iter().map(|(pid, p)| json!({ "pid": pid, "rss_bytes": p.rss_bytes })).collect::<Vec<_>>(),
+        "rss_bytes_per_connection_after_rounds": busy_per_connection,
         "kernel_tcp_before": kernel_before, "kernel_tcp_after": kernel_after,
         "rounds": rounds, "lost": lost, "duplicates": duplicates, "out_of_order": out_of_order,
         "latency_ms": { "p50": ms(0.5), "p99": ms(0.99), "p99_9": ms(0.999), "max": all.max() as f64 / 1000.0 },
