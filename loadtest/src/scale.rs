@@ -7,14 +7,14 @@
 //! (`scale-part`), each holding the connections `i` with `i % parts == part` from its own
 //! source address. It speaks to them over their stdin and stdout, one line per step:
 //!
-//! | coordinator → part | part → coordinator        |
-//! |--------------------|---------------------------|
-//! |                    | `LOADED` (file read)      |
-//! | `CONNECT`          | `READY {json}`            |
-//! | `ROUND r`          | `ROUND {json}`            |
-//! | `TYPING r t0`      | `ROUND {json}`            |
-//! | `SETTLE s`         | `SETTLED {json}`          |
-//! | `QUIT` (or EOF)    |                           |
+//! | coordinator → part      | part → coordinator         |
+//! |-------------------------|----------------------------|
+//! |                         | `LOADED` (file read)       |
+//! | `CONNECT`               | `READY {json}`             |
+//! | `ROUND r` or `TYPING r` | `ARMED` (counting round r) |
+//! | `SEND t0`               | `ROUND {json}`             |
+//! | `SETTLE s`              | `SETTLED {json}`           |
+//! | `QUIT` (or EOF)         |                            |
 //!
 //! Connection `i` (room `i / members`, member `i % members`) goes to gateway
 //! `i % gateways`, so every room has members on every gateway and every delivery crosses
@@ -264,12 +264,22 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
         .chain((1..=args.typing_rounds).map(|r| ("typing", args.rounds + r)));
     for (event, round) in schedule {
         let cpu_before = crate::report::procs(pids);
+        // Every part counts for the new round before any sender sends: a `user_typing`
+        // carries no round, so one that reached a part still counting the last round would
+        // be taken for a duplicate there.
         let command = match event {
             "message" => format!("ROUND {round}"),
-            _ => format!("TYPING {round} {}", now_micros()),
+            _ => format!("TYPING {round}"),
         };
         for part in &mut parts {
             part.send(&command).await?;
+        }
+        for part in &mut parts {
+            part.expect("ARMED").await?;
+        }
+        let go = format!("SEND {}", now_micros());
+        for part in &mut parts {
+            part.send(&go).await?;
         }
         let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
         let (mut delivered, mut duplicates, mut out_of_order, mut acked) = (0, 0, 0, 0);
@@ -542,15 +552,10 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
             stdout.flush().await?;
             continue;
         }
-        let (typing, r, start) = if let Some(rest) = command.strip_prefix("TYPING ") {
-            let mut words = rest.split_whitespace().map(str::parse::<u64>);
-            (
-                true,
-                words.next().context("round")??,
-                words.next().context("start")??,
-            )
+        let (typing, r) = if let Some(rest) = command.strip_prefix("TYPING ") {
+            (true, rest.trim().parse::<u64>()?)
         } else if let Some(rest) = command.strip_prefix("ROUND ") {
-            (false, rest.trim().parse()?, 0)
+            (false, rest.trim().parse()?)
         } else {
             break;
         };
@@ -561,8 +566,18 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
         if let Ok(mut l) = tally.latencies_us.lock() {
             l.clear();
         }
-        tally.typing_start_us.store(start, Relaxed);
         round.store(r, Relaxed);
+        stdout.write_all(b"ARMED\n").await?;
+        stdout.flush().await?;
+        let start: u64 = commands
+            .next_line()
+            .await?
+            .as_deref()
+            .and_then(|c| c.strip_prefix("SEND "))
+            .context("expected SEND")?
+            .trim()
+            .parse()?;
+        tally.typing_start_us.store(start, Relaxed);
         let first_send = if typing { start } else { now_micros() };
         for (client, room, sender) in &mut held {
             if !*sender {
