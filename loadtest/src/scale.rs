@@ -399,9 +399,10 @@ struct Tally {
     out_of_order: AtomicU64,
     acked: AtomicU64,
     last_receive_us: AtomicU64,
-    /// When the current `typing` round began (the coordinator's clock): a `user_typing`
-    /// carries no time of its own.
-    typing_start_us: AtomicU64,
+    /// When this part began counting the current round. A `user_typing` carries no time of
+    /// its own, and one may arrive before this part has read the round's start (`SEND t0`):
+    /// its arrival is kept from this time, and timed from `t0` when the round ends.
+    armed_us: AtomicU64,
     latencies_us: Mutex<Vec<u32>>,
     /// Woken on every delivery, so the round ends as soon as the last one arrives.
     changed: Notify,
@@ -480,9 +481,9 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
                                 continue;
                             }
                             last_typing = r;
-                            let start = tally.typing_start_us.load(Relaxed);
+                            let armed = tally.armed_us.load(Relaxed);
                             if let Ok(mut l) = tally.latencies_us.lock() {
-                                l.push(now.saturating_sub(start).min(u32::MAX as u64) as u32);
+                                l.push(now.saturating_sub(armed).min(u32::MAX as u64) as u32);
                             }
                             tally.last_receive_us.fetch_max(now, Relaxed);
                             tally.delivered.fetch_add(1, Relaxed);
@@ -566,6 +567,7 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
         if let Ok(mut l) = tally.latencies_us.lock() {
             l.clear();
         }
+        tally.armed_us.store(now_micros(), Relaxed);
         round.store(r, Relaxed);
         stdout.write_all(b"ARMED\n").await?;
         stdout.flush().await?;
@@ -577,7 +579,6 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
             .context("expected SEND")?
             .trim()
             .parse()?;
-        tally.typing_start_us.store(start, Relaxed);
         let first_send = if typing { start } else { now_micros() };
         for (client, room, sender) in &mut held {
             if !*sender {
@@ -618,6 +619,16 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
             .lock()
             .map(|l| l.clone())
             .unwrap_or_default();
+        // A typing round's arrivals, kept from the arming, timed from the round's start.
+        let latencies: Vec<u64> = if typing {
+            let armed = tally.armed_us.load(Relaxed);
+            latencies
+                .into_iter()
+                .map(|l| (armed + u64::from(l)).saturating_sub(start))
+                .collect()
+        } else {
+            latencies.into_iter().map(u64::from).collect()
+        };
         let report = json!({
             "round": r, "expected": expected, "delivered": tally.delivered.load(Relaxed),
             "duplicates": tally.duplicates.load(Relaxed),
