@@ -9,7 +9,8 @@
 # the background while the compiler works; every test binary is built once (`cargo test
 # --no-run`) and then run directly, two at a time, then again with the Redis Cluster or the
 # embedded mode in the environment; the suites that start their own servers on free ports
-# run side by side. Each background job's output is in target/ci/<job>.log and is printed
+# run side by side, while the release binaries of the container images build at the lowest
+# priority. Each background job's output is in target/ci/<job>.log and is printed
 # when the job ends, with its time; the run fails after every job has ended if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -197,6 +198,9 @@ for line in sys.stdin:
         print(m["manifest_path"].rsplit("/", 1)[0], kind, t["name"], m["executable"])
 ' > "$logs/tests.tsv"
 export CHAT_BINARIES_BUILT=1
+# The release binaries of the runtime images (deploy/Dockerfile's runtime stages), built at
+# the lowest priority from here on: they take what the cores have left while the tests run.
+spawn release-build nice -n 19 cargo build --release --locked --bin gateway --bin persister
 # `run_test NAME [ARGS]`: the integration test binary NAME (tests/NAME.rs), from its
 # package's folder as cargo runs it.
 run_test() {
@@ -265,7 +269,6 @@ pool 3 \
   "chaos=chaos" \
   "cluster-contract=cluster_contract" \
   "deploy-checks=deploy/check.sh" \
-  "images=bash deploy/images.sh runtime target/debug && bash deploy/images.sh compose" \
   "js=cd tests/js && npm test && CHAT_MODE=embedded npm run test:contract && CHAT_REDIS=cluster npm run test:contract" \
   "embedded-contract=embedded_contract" \
   "openapi=bash scripts/check-openapi.sh" \
@@ -274,7 +277,12 @@ pool 3 \
     const { loadSchemas } = await import('./asyncapi.mjs');
     const { validators } = await loadSchemas();
     console.log('docs/asyncapi.yaml: valid, ' + validators.size + ' messages');\""
+finish release-build
 check_failed
+
+step "container images: deploy/Dockerfile's runtime stages on local stand-in bases, from the release binaries; the compose topology on podman, the socket.io-client suite through its HAProxy"
+bash deploy/images.sh runtime target/release
+bash deploy/images.sh compose
 
 echo
 echo "all checks passed in ${SECONDS}s"
