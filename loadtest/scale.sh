@@ -40,10 +40,15 @@ source loadtest/lib.sh
 start_ours
 pid_args=()
 for pid in "${gw_pids[@]}"; do pid_args+=(--pid "$pid"); done
+# Exit status 1 when anything was lost, duplicated, out of order or unexpected, or a connect
+# failed: the summary is printed first.
+status=0
 load "${urls[@]}" "${target[@]}" "${pid_args[@]}" "${persister_metrics[@]}" \
   --json "$out/scale.json" scale --connections "$CONNECTIONS" --rooms "$ROOMS" \
-  --parts "$PARTS" --rounds "$ROUNDS" --typing-rounds "$TYPING_ROUNDS" --dir "$out" >/dev/null
+  --parts "$PARTS" --rounds "$ROUNDS" --typing-rounds "$TYPING_ROUNDS" --dir "$out" >/dev/null \
+  || status=$?
 stop_all
+[ -f "$out/scale.json" ] || exit "$status"
 python3 - "$out/scale.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -61,7 +66,9 @@ for x in r["rounds"]:
           f"{x['duplicates']} duplicates in {x['seconds']:.2f} s ({x['deliveries_per_second']:.0f}/s), "
           f"p50 {x['latency_ms']['p50']:.1f} ms, p99 {x['latency_ms']['p99']:.1f} ms; "
           f"gateways' CPU {x['gateways_cpu_seconds']:.2f} s")
-print(f"in all: {r['lost']} lost, {r['duplicates']} duplicates, {r['out_of_order']} out of order; "
+print(f"in all: {r['lost']} lost, {r['duplicates']} duplicates, {r['out_of_order']} out of order, "
+      f"{r['unexpected']} unexpected; "
       f"message p99 {r['latency_ms']['p99']:.1f} ms, typing p99 {r['typing_latency_ms']['p99']:.1f} ms")
 PY
 echo "results in $out/scale.json"
+exit "$status"

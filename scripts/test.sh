@@ -28,8 +28,10 @@ failed=()
 spawn() {
   local name=$1; shift
   (
-    status=0
-    ( set -euo pipefail; "$@" ) > "$logs/$name.log" 2>&1 || status=$?
+    # Not `( … ) || status=$?`: on the left of `||` bash ignores `set -e` in the job.
+    set +e
+    ( set -euo pipefail; "$@" ) > "$logs/$name.log" 2>&1
+    status=$?
     echo "$SECONDS" > "$logs/$name.end"
     exit "$status"
   ) &
@@ -65,7 +67,9 @@ pool() {
       unset "running[$pid]"
     done
     name=${entry%%=*}
-    spawn "$name" bash -c "${entry#*=}"
+    # A new bash has no `set -e` of its own: without it a job would answer for its last
+    # command only.
+    spawn "$name" bash -euo pipefail -c "${entry#*=}"
     running[${job_pid[$name]}]=$name
   done
   while [ ${#running[@]} -gt 0 ]; do
@@ -75,6 +79,8 @@ pool() {
     unset "running[$pid]"
   done
 }
+# However the run ends, it waits for its background jobs: no server or install is left behind.
+trap 'wait' EXIT
 # Stops the run when a job failed (after every job has ended, so no server is left behind).
 check_failed() {
   if [ ${#failed[@]} -gt 0 ]; then
@@ -226,7 +232,8 @@ step "unit and integration tests (real Redis and SecantusDB), two binaries at a 
 longest=(gaps rest socket cluster faults presence ingest)
 tests=()
 for name in "${longest[@]}"; do
-  read -r dir exe < <(awk -v n="$name" '$2 == "test" && $3 == n { print $1, $4 }' "$logs/tests.tsv")
+  read -r dir exe < <(awk -v n="$name" '$2 == "test" && $3 == n { print $1, $4; exit }' "$logs/tests.tsv") \
+    || { echo "no test binary tests/$name.rs: update the list of the longest" >&2; exit 1; }
   tests+=("test-$name=run_exe $dir $exe")
 done
 while read -r dir kind name exe; do

@@ -256,6 +256,13 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_vec_pretty(&result)?)?;
     }
+    if result["violations"].as_u64().unwrap_or(0) > 0 {
+        eprintln!(
+            "{} violations: lost, duplicated, out of order or unexpected deliveries, or failed connects",
+            result["violations"]
+        );
+        std::process::exit(1);
+    }
     Ok(())
 }
 

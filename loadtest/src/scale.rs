@@ -349,13 +349,14 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
         busy_growth as f64 / 1e6
     );
     // Then a quiet while: a duplicate may come late.
-    let (mut duplicates, mut out_of_order) = (0u64, 0u64);
+    let (mut duplicates, mut out_of_order, mut unexpected) = (0u64, 0u64, 0u64);
     for part in &mut parts {
         part.send(&format!("SETTLE {SETTLE_SECONDS}")).await?;
     }
     for part in &mut parts {
         let settled = part.expect("SETTLED").await?;
         duplicates += settled["duplicates"].as_u64().unwrap_or(0);
+        unexpected += settled["unexpected"].as_u64().unwrap_or(0);
         out_of_order += settled["out_of_order"].as_u64().unwrap_or(0);
     }
     for part in &mut parts {
@@ -369,7 +370,8 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
     let typing_ms = |q: f64| all_typing.value_at_quantile(q) as f64 / 1000.0;
     let lost: u64 = rounds.iter().map(|r| r["lost"].as_u64().unwrap_or(0)).sum();
     eprintln!(
-        "scale: over {} rounds {lost} lost, {duplicates} duplicates, {out_of_order} out of order; \
+        "scale: over {} rounds {lost} lost, {duplicates} duplicates, {out_of_order} out of order, \
+         {unexpected} unexpected; \
          latency p50 {:.1} ms, p99 {:.1} ms",
         rounds.len(),
         ms(0.5),
@@ -386,6 +388,9 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
         "rss_bytes_per_connection_after_rounds": busy_per_connection,
         "kernel_tcp_before": kernel_before, "kernel_tcp_after": kernel_after,
         "rounds": rounds, "lost": lost, "duplicates": duplicates, "out_of_order": out_of_order,
+        "unexpected": unexpected,
+        // Anything here fails the run (exit status 1).
+        "violations": lost + duplicates + out_of_order + unexpected + failed,
         "latency_ms": { "p50": ms(0.5), "p99": ms(0.99), "p99_9": ms(0.999), "max": all.max() as f64 / 1000.0 },
         "typing_latency_ms": { "p50": typing_ms(0.5), "p99": typing_ms(0.99), "p99_9": typing_ms(0.999), "max": all_typing.max() as f64 / 1000.0 },
     }))
@@ -396,6 +401,8 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
 struct Tally {
     delivered: AtomicU64,
     duplicates: AtomicU64,
+    /// Events of another room, and `user_typing` on the typing user's own socket.
+    unexpected: AtomicU64,
     out_of_order: AtomicU64,
     acked: AtomicU64,
     last_receive_us: AtomicU64,
@@ -468,10 +475,21 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
                 }
             };
             // This connection's reader: one message per round, in order, and one
-            // `user_typing` per typing round (the typing user's own socket gets none).
+            // `user_typing` per typing round (the typing user's own socket gets none). An
+            // event of another room, or a `user_typing` on the typing user's own socket, is
+            // counted as unexpected, never as a delivery.
+            let room_hex = room.to_hex();
             tokio::spawn(async move {
                 let (mut last, mut last_typing) = (0u64, 0u64);
                 while let Some(incoming) = rx.recv().await {
+                    if let Incoming::Event { name, raw } = &incoming
+                        && (name == "message" || name == "user_typing")
+                        && (str_field(raw, "roomId") != Some(room_hex.as_str())
+                            || (sender && name == "user_typing"))
+                    {
+                        tally.unexpected.fetch_add(1, Relaxed);
+                        continue;
+                    }
                     match incoming {
                         Incoming::Event { name, .. } if name == "user_typing" => {
                             let now = now_micros();
@@ -545,6 +563,7 @@ pub async fn part(target: &Target, args: &PartArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(seconds.trim().parse()?)).await;
             let settled = json!({
                 "duplicates": tally.duplicates.load(Relaxed),
+                "unexpected": tally.unexpected.load(Relaxed),
                 "out_of_order": tally.out_of_order.load(Relaxed),
             });
             stdout
