@@ -718,16 +718,7 @@ async fn idle(
     let after = report::procs(pids);
     ticker.abort();
     let n = held.len() as f64;
-    let grown: f64 = after
-        .iter()
-        .map(|(pid, a)| {
-            let b = before
-                .iter()
-                .find(|(p, _)| p == pid)
-                .map_or(0, |(_, b)| b.rss_bytes);
-            a.rss_bytes as f64 - b as f64
-        })
-        .sum();
+    let grown = report::rss_growth(&before, &after) as f64;
     let per_connection = (n > 0.0 && !after.is_empty()).then(|| grown / n);
     eprintln!(
         "idle: {} connected, {} failed in {connect_seconds:.2} s; server RSS grew {:.1} MB ({} bytes per connection)",

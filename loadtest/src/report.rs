@@ -210,3 +210,19 @@ pub fn cpu_between(
         })
         .collect()
 }
+
+/// A process's RSS in a reading, 0 if it was not running then.
+pub fn rss_of(reading: &[(u32, ProcStat)], pid: u32) -> u64 {
+    reading
+        .iter()
+        .find(|(p, _)| *p == pid)
+        .map_or(0, |(_, s)| s.rss_bytes)
+}
+
+/// How much the processes' RSS grew, in all, between two readings.
+pub fn rss_growth(before: &[(u32, ProcStat)], after: &[(u32, ProcStat)]) -> i64 {
+    after
+        .iter()
+        .map(|(pid, now)| now.rss_bytes as i64 - rss_of(before, *pid) as i64)
+        .sum()
+}

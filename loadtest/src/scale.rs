@@ -237,18 +237,12 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
     let gateways: Vec<Value> = gateways_after
         .iter()
         .map(|(pid, after)| {
-            let before = gateways_before
-                .iter()
-                .find(|(p, _)| p == pid)
-                .map_or(0, |(_, b)| b.rss_bytes);
+            let before = crate::report::rss_of(&gateways_before, *pid);
             json!({ "pid": pid, "rss_before_bytes": before, "rss_bytes": after.rss_bytes,
                     "growth_bytes": after.rss_bytes as i64 - before as i64 })
         })
         .collect();
-    let growth: i64 = gateways
-        .iter()
-        .map(|g| g["growth_bytes"].as_i64().unwrap_or(0))
-        .sum();
+    let growth = crate::report::rss_growth(&gateways_before, &gateways_after);
     let per_connection = growth as f64 / connected.max(1) as f64;
     eprintln!(
         "scale: gateways' RSS grew {:.1} MB, {per_connection:.0} B per connection",
@@ -333,16 +327,7 @@ pub async fn run(target: &Target, pids: &[u32], args: &ScaleArgs) -> anyhow::Res
     }
     // Memory after the bursts: the sockets' queues and write buffers they grew.
     let gateways_busy = crate::report::procs(pids);
-    let busy_growth: i64 = gateways_busy
-        .iter()
-        .map(|(pid, now)| {
-            let before = gateways_before
-                .iter()
-                .find(|(p, _)| p == pid)
-                .map_or(0, |(_, b)| b.rss_bytes);
-            now.rss_bytes as i64 - before as i64
-        })
-        .sum();
+    let busy_growth = crate::report::rss_growth(&gateways_before, &gateways_busy);
     let busy_per_connection = busy_growth as f64 / connected.max(1) as f64;
     eprintln!(
         "scale: after the rounds the gateways' RSS had grown {:.1} MB, {busy_per_connection:.0} B per connection",
